@@ -1,0 +1,184 @@
+"""Dispatchers decide *how the data moves*: tokens to expert buffers, expert outputs back.
+
+All three compute the same function of (x, routing decision, experts):
+  y[g, s] = Σ_{kept (e, slot) of token s} combine_weight · expert_e(x[g, s])
+
+  * `einsum`: GShard one-hot masks [G, S, E, C]; readable reference, O(G·S·E·C·H) work.
+  * `gather`: index arithmetic; tokens are gathered into capacity buffers [E, G·C, H] and the
+    outputs gathered back; O(T·k·H) data movement, no [G, S, E, C] tensor. The default.
+  * `dropless`: no capacity; the T·k assignments are laid out sorted by expert in one ragged
+    array [T·k, H] for a grouped matmul. Token choice only (expert choice has a fixed C).
+
+A dispatcher returns an `ExpertBatch` for the experts and the state its `combine` needs.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax.routing import ExpertChoiceRouting, Routing, TokenChoiceRouting
+
+Array = jax.Array
+DISPATCH_NAMES = ("einsum", "gather", "dropless")
+
+
+@struct.dataclass
+class ExpertBatch:
+  """Tokens laid out for the experts.
+
+  Capacity layout: `inputs` [E, N, H]; if `counts` [E] is given, only slots [0, counts[e])
+  of expert e hold tokens (the rest are zero), so experts may skip the empty tail.
+  Ragged layout: `inputs` [M, H] sorted by expert, expert e owning `group_sizes[e]` consecutive
+  rows; rows past Σ group_sizes are padding.
+  """
+  inputs: Array
+  counts: Optional[Array] = None
+  group_sizes: Optional[Array] = None
+
+
+def _kept_per_group_expert(routing: TokenChoiceRouting, num_experts: int) -> Array:
+  """[G, E] int32 count of kept assignments."""
+  one_hot = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.int32)
+  return jnp.sum(one_hot * routing.kept[..., None], axis=(1, 2))
+
+
+def _token_choice_rows(routing: TokenChoiceRouting, counts_ge: Array, base: Array,
+                       num_rows: int) -> Array:
+  """Row of each assignment in an expert-major layout: base[e] + Σ_{g'<g} counts[g', e] + pos.
+
+  Dropped assignments get `num_rows` (out of bounds), which gathers read as zero and scatters
+  drop. Returns [G, S, k] int32.
+  """
+  group_offset = jnp.cumsum(counts_ge, axis=0) - counts_ge  # [G, E], exclusive over groups
+  start = base[None, :] + group_offset  # [G, E]
+  start = jnp.take_along_axis(start[:, None, :], routing.expert_index, axis=2)  # [G, S, k]
+  return jnp.where(routing.kept, start + routing.position, num_rows).astype(jnp.int32)
+
+
+def _gather_rows(x_flat: Array, rows: Array) -> Array:
+  # Out-of-bounds rows read as zero; the gradient is a scatter-add that drops them.
+  return x_flat.at[rows].get(mode="fill", fill_value=0)
+
+
+def _combine_token_choice(outputs_flat: Array, rows: Array, weights: Array) -> Array:
+  """y[g, s] = Σ_j w[g, s, j] · outputs[rows[g, s, j]]: one gather of k rows per token."""
+  gathered = _gather_rows(outputs_flat, rows)  # [G, S, k, H]
+  return jnp.einsum("gskh,gsk->gsh", gathered, weights.astype(gathered.dtype))
+
+
+class EinsumDispatcher:
+  """GShard-style dispatch and combine with one-hot masks (the readable reference).
+
+      dispatch[g, s, e, c] = 1 if token s holds slot c of expert e
+      inputs[e, g, c]      = Σ_s dispatch[g, s, e, c] · x[g, s]
+      y[g, s]              = Σ_{e,c} combine[g, s, e, c] · outputs[e, g, c]
+  """
+  name = "einsum"
+
+  def dispatch(self, x: Array, routing: Routing, num_experts: int,
+               capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
+    g, s, h = x.shape
+    if isinstance(routing, TokenChoiceRouting):
+      slots = (jax.nn.one_hot(routing.expert_index, num_experts, dtype=x.dtype)[..., None]
+               * jax.nn.one_hot(routing.position, capacity, dtype=x.dtype)[..., None, :]
+               * routing.kept[..., None, None].astype(x.dtype))  # [G, S, k, E, C]
+      dispatch_mask = jnp.sum(slots, axis=2)
+      combine = jnp.einsum("gskec,gsk->gsec", slots, routing.combine_weights.astype(x.dtype))
+    else:
+      slots = (jax.nn.one_hot(routing.token_index, s, dtype=x.dtype)
+               * routing.valid[..., None].astype(x.dtype))  # [G, E, C, S]
+      dispatch_mask = jnp.transpose(slots, (0, 3, 1, 2))
+      combine = dispatch_mask * routing.combine_weights[:, None].astype(x.dtype)
+    cap = dispatch_mask.shape[-1]
+    inputs = jnp.einsum("gsec,gsh->egch", dispatch_mask, x).reshape(num_experts, g * cap, h)
+    return ExpertBatch(inputs), combine
+
+  def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
+    combine = state
+    g, _, num_experts, cap = combine.shape
+    outputs = outputs.reshape(num_experts, g, cap, outputs.shape[-1])
+    return jnp.einsum("gsec,egch->gsh", combine, outputs)
+
+
+class GatherDispatcher:
+  """Index-based dispatch into capacity buffers [E, G·C, H]; no [G, S, E, C] tensors.
+
+  Token choice: expert e's kept assignments from all groups are packed at the front of its
+  buffer (group by group, each in queue order), so `counts[e]` tells the experts how many
+  leading slots are in use. Combine gathers each token's k output rows.
+  Expert choice: slot (e, g·C + c) holds token token_index[g, e, c]; combine scatter-adds.
+  """
+  name = "gather"
+
+  def dispatch(self, x: Array, routing: Routing, num_experts: int,
+               capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
+    g, s, h = x.shape
+    x_flat = x.reshape(g * s, h)
+    if isinstance(routing, TokenChoiceRouting):
+      num_rows = num_experts * g * capacity
+      counts_ge = _kept_per_group_expert(routing, num_experts)
+      base = jnp.arange(num_experts, dtype=jnp.int32) * (g * capacity)
+      rows = _token_choice_rows(routing, counts_ge, base, num_rows)
+      token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), rows.shape)
+      slot_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
+          token.ravel(), mode="drop")
+      inputs = _gather_rows(x_flat, slot_token).reshape(num_experts, g * capacity, h)
+      return ExpertBatch(inputs, counts=jnp.sum(counts_ge, axis=0)), rows
+    cap = routing.token_index.shape[-1]
+    slot_token = routing.token_index + (jnp.arange(g, dtype=jnp.int32) * s)[:, None, None]
+    slot_token = jnp.where(routing.valid, slot_token, g * s)  # [G, E, C]
+    slot_token = jnp.transpose(slot_token, (1, 0, 2)).reshape(num_experts * g * cap)
+    inputs = _gather_rows(x_flat, slot_token).reshape(num_experts, g * cap, h)
+    return ExpertBatch(inputs), slot_token
+
+  def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
+    g, s, h = x_shape
+    outputs_flat = outputs.reshape(-1, outputs.shape[-1])
+    if isinstance(routing, TokenChoiceRouting):
+      return _combine_token_choice(outputs_flat, state, routing.combine_weights)
+    weights = jnp.transpose(routing.combine_weights, (1, 0, 2)).reshape(-1, 1)
+    y = jnp.zeros((g * s, h), outputs.dtype).at[state].add(
+        outputs_flat * weights.astype(outputs.dtype), mode="drop")
+    return y.reshape(g, s, h)
+
+
+class DroplessDispatcher:
+  """No capacity: all T·k assignments, sorted by expert, in one ragged array [T·k, H].
+
+  Expert e owns rows [start_e, start_e + load_e) with start = exclusive cumsum of the loads;
+  within it, group by group in queue order (the same index arithmetic as `gather`, with
+  ragged starts instead of fixed-size buffers). No sort is needed: the router's queue
+  positions already rank assignments within (group, expert).
+  """
+  name = "dropless"
+
+  def dispatch(self, x: Array, routing: Routing, num_experts: int,
+               capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
+    if not isinstance(routing, TokenChoiceRouting):
+      raise ValueError("dispatch='dropless' needs a token-choice router.")
+    g, s, h = x.shape
+    k = routing.expert_index.shape[-1]
+    num_rows = g * s * k
+    counts_ge = _kept_per_group_expert(routing, num_experts)
+    load = jnp.sum(counts_ge, axis=0)
+    base = (jnp.cumsum(load) - load).astype(jnp.int32)
+    rows = _token_choice_rows(routing, counts_ge, base, num_rows)
+    token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), rows.shape)
+    row_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
+        token.ravel(), mode="drop")
+    inputs = _gather_rows(x.reshape(g * s, h), row_token)
+    return ExpertBatch(inputs, group_sizes=load.astype(jnp.int32)), rows
+
+  def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
+    return _combine_token_choice(outputs, state, routing.combine_weights)
+
+
+def make_dispatcher(name: str):
+  dispatchers = {"einsum": EinsumDispatcher, "gather": GatherDispatcher,
+                 "dropless": DroplessDispatcher}
+  if name not in dispatchers:
+    raise ValueError(f"dispatch must be one of {DISPATCH_NAMES}, got {name!r}.")
+  return dispatchers[name]()

@@ -1,0 +1,121 @@
+"""Experts decide *what is computed*: E stacked feed-forward networks.
+
+Weights: wi [E, H, F] (and wi_gate [E, H, F] for gated activations), wo [E, F, H].
+  relu / gelu:     y = act(x wi) wo
+  swiglu / geglu:  y = (act(x wi_gate) ⊙ x wi) wo      act = silu / gelu
+The math lives in `expert_kernels` (capacity buffers and ragged rows), chosen per layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import expert_kernels
+from moe_jax.dispatch import ExpertBatch
+
+Array = jax.Array
+
+# name -> (elementwise activation, gated)
+ACTIVATIONS: dict[str, Tuple[Callable[[Array], Array], bool]] = {
+    "relu": (jax.nn.relu, False),
+    "gelu": (jax.nn.gelu, False),
+    "swiglu": (jax.nn.silu, True),
+    "geglu": (jax.nn.gelu, True),
+}
+
+
+# Layer-level kernel choice -> (capacity-buffer kernel, ragged kernel) in expert_kernels.
+#   auto:      the fastest for the backend (custom-VJP loops on CPU, XLA's batched/grouped
+#              matmuls on GPU/TPU)
+#   reference: plain batched einsum / lax.ragged_dot (on CPU ragged_dot costs E× the FLOPs)
+#   loop:      the custom-VJP loops over experts, skipping empty capacity slots
+IMPLEMENTATIONS = {
+    "auto": ("auto", "auto"),
+    "reference": ("einsum", "ragged_dot"),
+    "loop": ("scan", "chunked"),
+}
+
+
+def check_implementation(name: str):
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"expert_implementation must be one of {tuple(IMPLEMENTATIONS)}, "
+                     f"got {name!r}.")
+
+
+def check_activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {name!r}.")
+
+
+def expert_init():
+  # Fan-in scaling per expert: axis 0 (experts) is a batch axis, not part of the fan.
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                          in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class Experts(nn.Module):
+  """E expert FFNs applied to an `ExpertBatch` (capacity buffers or ragged sorted rows).
+
+  Expert dropout (Switch fine-tuning uses 0.4) drops hidden units with its own rate, separate
+  from the model's dropout. While active (training with rate > 0) the layer uses the plain
+  reference formulation, since the fast kernels fuse the hidden activation.
+  """
+  num_experts: int
+  hidden_dim: int
+  activation: str = "relu"
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: nn.initializers.Initializer = expert_init()
+  implementation: str = "auto"
+
+  def __post_init__(self):
+    check_activation(self.activation)
+    check_implementation(self.implementation)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"expert dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, batch: ExpertBatch, deterministic: bool = True) -> Array:
+    act, gated = ACTIVATIONS[self.activation]
+    x = batch.inputs.astype(self.dtype)
+    e, h, f = self.num_experts, x.shape[-1], self.hidden_dim
+
+    def weight(name, shape, axes):
+      init = nn.with_logical_partitioning(self.kernel_init, axes)
+      return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+    w_in = weight("wi", (e, h, f), ("expert", "embed", "expert_mlp"))
+    w_gate = weight("wi_gate", (e, h, f), ("expert", "embed", "expert_mlp")) if gated else None
+    w_out = weight("wo", (e, f, h), ("expert", "expert_mlp", "embed"))
+
+    if self.dropout_rate > 0 and not deterministic:
+      drop = nn.Dropout(self.dropout_rate, deterministic=False)
+      return _reference_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act, drop)
+    capacity_kernel, ragged_kernel = IMPLEMENTATIONS[self.implementation]
+    if batch.group_sizes is not None:
+      return expert_kernels.ragged_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act,
+                                       implementation=ragged_kernel)
+    return expert_kernels.capacity_ffn(x, w_in, w_gate, w_out, act, counts=batch.counts,
+                                       implementation=capacity_kernel)
+
+
+def _reference_ffn(x: Array, group_sizes: Optional[Array], w_in, w_gate, w_out, act,
+                   hidden_transform: Callable[[Array], Array]) -> Array:
+  """Plain formulation with a hook on the hidden layer (expert dropout)."""
+  if group_sizes is None:  # capacity layout [E, N, H]
+    hidden = act(jnp.einsum("enh,ehf->enf", x, w_gate if w_gate is not None else w_in))
+    if w_gate is not None:
+      hidden = hidden * jnp.einsum("enh,ehf->enf", x, w_in)
+    return jnp.einsum("enf,efh->enh", hidden_transform(hidden), w_out)
+  # Ragged layout [M, H]: lax.ragged_dot (a dense masked matmul on CPU, fine for fine-tuning).
+  hidden = act(jax.lax.ragged_dot(x, w_gate if w_gate is not None else w_in, group_sizes))
+  if w_gate is not None:
+    hidden = hidden * jax.lax.ragged_dot(x, w_in, group_sizes)
+  y = jax.lax.ragged_dot(hidden_transform(hidden), w_out, group_sizes)
+  rows = jnp.arange(x.shape[0])
+  return jnp.where((rows < jnp.sum(group_sizes))[:, None], y, 0)

@@ -1,0 +1,173 @@
+"""The sparse MoE layer: groups, capacity, router + dispatcher + experts, metrics.
+
+    x [B, L, H] -> tokens [G, S, H] (groups of `group_size` tokens)
+      router     -> who goes where (routing.py)
+      dispatcher -> tokens into expert buffers (dispatch.py)
+      experts    -> E FFNs (experts.py)
+      dispatcher -> weighted outputs back to tokens
+    -> y [B, L, H], MoeAux(aux_loss, z_loss, metrics)
+
+Routing and capacity are per group. The layer returns its losses unweighted: the model
+weights them into the total loss (aux_loss_weight, router_z_loss_weight).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax.experts import Experts, check_activation, check_implementation
+from moe_jax.routing import ExpertChoiceRouter, RouterOutput, compute_capacity
+
+Array = jax.Array
+
+
+@struct.dataclass
+class MoeAux:
+  """What one MoE layer reports besides its output.
+
+  aux_loss: load-balancing loss (SPEC §2), unweighted.
+  z_loss: router z-loss, unweighted.
+  metrics: dict of scalars and per-expert [E] vectors, padding excluded:
+    dropped_fraction        kept assignments lost to capacity (and GShard random routing)
+    unrouted_token_fraction real tokens that reached no expert (their MoE output is 0)
+    expert_load_before      [E] assignments per expert chosen by the router (all groups)
+    expert_load_after       [E] the same after capacity
+    router_entropy          mean over tokens of −Σ_e p_e log p_e
+    router_confidence       mean over tokens of max_e p_e
+    capacity                slots per expert per group (0 for dropless)
+  """
+  aux_loss: Array
+  z_loss: Array
+  metrics: Dict[str, Array]
+
+
+def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[int]
+                    ) -> Dict[str, Array]:
+  """Per-layer routing statistics over real tokens (padding_mask [G, S], 1 = real)."""
+  mask = padding_mask.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  selected = jnp.sum(out.selected * mask[..., None], axis=(0, 1))
+  kept = jnp.sum(out.kept * mask[..., None], axis=(0, 1))
+  routed = jnp.sum(out.kept, axis=-1) > 0
+  p = out.probs
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+  return {
+      "dropped_fraction": 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(selected), 1.0),
+      "unrouted_token_fraction": jnp.sum(mask * (1.0 - routed)) / tokens,
+      "expert_load_before": selected,
+      "expert_load_after": kept,
+      "router_entropy": jnp.sum(entropy * mask) / tokens,
+      "router_confidence": jnp.sum(jnp.max(p, axis=-1) * mask) / tokens,
+      "capacity": jnp.asarray(capacity or 0, jnp.int32),
+  }
+
+
+class MoeLayer(nn.Module):
+  """Sparse mixture-of-experts feed-forward layer.
+
+  Attributes:
+    router: a `TokenChoiceRouter` or `ExpertChoiceRouter` (it owns num_experts and k).
+    expert_hidden_dim: F, the hidden width of each expert.
+    activation: one of relu, gelu, swiglu, geglu.
+    dispatch: one of einsum, gather (default), dropless.
+    train_capacity_factor / eval_capacity_factor: cf in training / when `deterministic`.
+    min_capacity: lower bound on C (small groups would otherwise round to 0 or 1 slot).
+    group_size: S, tokens per routing group; None: one group per sequence.
+    pad_groups: if the tokens don't split into whole groups, pad the last group with padding
+      tokens (which take no capacity) instead of raising.
+    expert_dropout_rate: dropout on the experts' hidden units (training only).
+    dtype: activation/computation dtype of the experts (the router is always float32).
+    expert_implementation: "auto" (fastest for the backend), "reference" (plain batched einsum
+      / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py.
+  """
+  router: nn.Module
+  expert_hidden_dim: int
+  activation: str = "relu"
+  dispatch: str = "gather"
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  group_size: Optional[int] = None
+  pad_groups: bool = False
+  expert_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  expert_implementation: str = "auto"
+
+  def __post_init__(self):
+    check_activation(self.activation)
+    dispatch_lib.make_dispatcher(self.dispatch)  # validates the name
+    check_implementation(self.expert_implementation)
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+    if self.min_capacity < 0:
+      raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}.")
+    if self.group_size is not None and self.group_size < 1:
+      raise ValueError(f"group_size must be >= 1 or None, got {self.group_size}.")
+    if self.expert_hidden_dim < 1:
+      raise ValueError(f"expert_hidden_dim must be >= 1, got {self.expert_hidden_dim}.")
+    if self.dispatch == "dropless" and isinstance(self.router, ExpertChoiceRouter):
+      raise ValueError("dispatch='dropless' needs a token-choice router; expert choice has a "
+                       "fixed capacity by construction: use dispatch 'gather' or 'einsum'.")
+    super().__post_init__()
+
+  @property
+  def num_experts(self) -> int:
+    return self.router.num_experts
+
+  def capacity(self, group_size: int, deterministic: bool) -> Optional[int]:
+    """Slots per expert per group, or None when dropless."""
+    if self.dispatch == "dropless":
+      return None
+    cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+    return compute_capacity(group_size, self.num_experts, self.router.num_selected_experts,
+                            cf, self.min_capacity)
+
+  def _groups(self, num_tokens: int, seq_len: int) -> Tuple[int, int]:
+    """(group size S, number of padding tokens to append)."""
+    s = self.group_size or seq_len
+    remainder = num_tokens % s
+    if remainder == 0:
+      return s, 0
+    if not self.pad_groups:
+      raise ValueError(
+          f"group_size={s} does not divide the {num_tokens} tokens of the batch; choose a "
+          "group_size that divides batch × length, or set pad_groups=True.")
+    return s, s - remainder
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array] = None,
+               deterministic: bool = True) -> Tuple[Array, MoeAux]:
+    """x: [B, L, H]; padding_mask: [B, L], 1 for real tokens (from the data, not inferred)."""
+    x = jnp.asarray(x)
+    batch, seq_len, h = x.shape
+    num_tokens = batch * seq_len
+    s, pad = self._groups(num_tokens, seq_len)
+    tokens = x.reshape(num_tokens, h)
+    mask = (jnp.ones((num_tokens,), jnp.float32) if padding_mask is None
+            else padding_mask.reshape(num_tokens).astype(jnp.float32))
+    if pad:
+      tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+      mask = jnp.pad(mask, (0, pad))
+    groups = tokens.reshape(-1, s, h)
+    mask = mask.reshape(-1, s)
+
+    capacity = self.capacity(s, deterministic)
+    routed = self.router(groups, mask, capacity, deterministic)
+    dispatcher = dispatch_lib.make_dispatcher(self.dispatch)
+    expert_batch, state = dispatcher.dispatch(groups.astype(self.dtype), routed.routing,
+                                              self.num_experts, capacity)
+    outputs = Experts(self.num_experts, self.expert_hidden_dim, self.activation,
+                      self.expert_dropout_rate, self.dtype,
+                      implementation=self.expert_implementation,
+                      name="experts")(expert_batch, deterministic)
+    y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
+    y = y.reshape(-1, h)[:num_tokens].reshape(batch, seq_len, h).astype(x.dtype)
+    aux = MoeAux(aux_loss=routed.aux_loss, z_loss=routed.z_loss,
+                 metrics=routing_metrics(routed, mask, capacity))
+    return y, aux

@@ -1,0 +1,407 @@
+"""Routers decide *who goes where*.
+
+A router maps grouped token representations x [G, S, H] to a routing decision:
+  * `TokenChoiceRouter`: every token picks its top-k experts (Switch k=1; GShard, GLaM, ST-MoE,
+    Mixtral k=2), with the options the literature uses (jitter, noisy gating, random routing of
+    the second expert, batch-prioritized routing, renormalised combine weights, DeepSeek-V3's
+    aux-loss-free expert bias).
+  * `ExpertChoiceRouter`: every expert picks its top-C tokens of the group (Zhou et al. 2022).
+
+Routers never move data: dispatchers (dispatch.py) do, and experts (experts.py) compute.
+The losses are small pure functions so that tests can call them directly.
+
+Notation: G groups, S tokens per group, H model width, E experts, k experts per token,
+C expert capacity (slots per expert per group).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+SECOND_EXPERT_POLICIES = ("all", "random")
+EXPERT_BIAS_COLLECTION = "moe_balance"
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing decisions: what the dispatchers consume.
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class TokenChoiceRouting:
+  """Each token's k choices, in choice order (choice 0 is the token's top expert).
+
+  Attributes:
+    expert_index: [G, S, k] int32, the chosen experts.
+    combine_weights: [G, S, k] float32, gate of each choice; 0 where the assignment was dropped.
+    position: [G, S, k] int32, slot of the assignment in its expert's buffer for this group
+      (assignments are queued by priority: all first choices before all second choices).
+      Meaningful only where `kept`.
+    kept: [G, S, k] bool, the assignment survived padding, random routing and capacity.
+  """
+  expert_index: Array
+  combine_weights: Array
+  position: Array
+  kept: Array
+
+
+@struct.dataclass
+class ExpertChoiceRouting:
+  """Each expert's C chosen tokens of a group, best first.
+
+  Attributes:
+    token_index: [G, E, C] int32, index into the group's S tokens.
+    combine_weights: [G, E, C] float32, router prob of (token, expert); 0 where not `valid`.
+    valid: [G, E, C] bool, False where the slot holds a padding token.
+  """
+  token_index: Array
+  combine_weights: Array
+  valid: Array
+
+
+Routing = Union[TokenChoiceRouting, ExpertChoiceRouting]
+
+
+@struct.dataclass
+class RouterOutput:
+  """A routing decision plus what the losses and metrics need.
+
+  Attributes:
+    routing: the decision.
+    logits: [G, S, E] float32 router logits (before any noise) — input of the z-loss.
+    probs: [G, S, E] float32 router probabilities (each row sums to 1) — input of the aux loss
+      and the entropy/confidence metrics.
+    selected: [G, S, E] float32, how many times each real token selected each expert *before*
+      capacity (0/1 entries; k ones per real token for token choice).
+    kept: [G, S, E] float32, the same after capacity (and random routing).
+    aux_loss: scalar load-balancing loss (0 for expert choice, balanced by construction).
+    z_loss: scalar router z-loss.
+  """
+  routing: Routing
+  logits: Array
+  probs: Array
+  selected: Array
+  kept: Array
+  aux_loss: Array
+  z_loss: Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity and losses: pure functions.
+# ---------------------------------------------------------------------------------------------
+def compute_capacity(group_size: int, num_experts: int, num_selected_experts: int,
+                     capacity_factor: float, min_capacity: int = 4) -> int:
+  """Expert capacity C = max(ceil(cf · k · S / E), min_capacity), clipped to S.
+
+  Counting k means cf=1.0 gives exactly enough slots for all k·S assignments when balanced
+  (flaxformer's formula omits k, so its top-2 at cf 1.25 drops >= 37.5% of assignments).
+  An expert can receive at most one assignment per token, so slots beyond S are never used:
+  clipping to S changes no result and saves memory.
+  """
+  if capacity_factor <= 0:
+    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}.")
+  capacity = math.ceil(capacity_factor * num_selected_experts * group_size / num_experts)
+  return int(min(max(capacity, min_capacity), group_size))
+
+
+def _token_mask(padding_mask: Optional[Array], shape) -> Array:
+  """[G, S] float32 mask, 1 for real tokens."""
+  if padding_mask is None:
+    return jnp.ones(shape, jnp.float32)
+  return padding_mask.astype(jnp.float32)
+
+
+def router_z_loss(logits: Array, padding_mask: Optional[Array] = None) -> Array:
+  """ST-MoE router z-loss (eq. 5): mean over real tokens of logsumexp(logits)².
+
+  Args:
+    logits: [G, S, E] router logits.
+    padding_mask: [G, S], 1 for real tokens; padding counts in no statistic.
+  Returns:
+    scalar float32.
+  """
+  mask = _token_mask(padding_mask, logits.shape[:2])
+  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(z**2 * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def load_balancing_loss(probs: Array, selected: Array,
+                        padding_mask: Optional[Array] = None) -> Array:
+  """Switch Transformer load-balancing loss (eq. 4), per group, averaged over groups.
+
+      aux_g = E · Σ_e f_e · P_e
+
+  f_e: fraction of the group's k·S assignments (before capacity) that chose e;
+  P_e: mean router probability of e over the group's tokens. Equals 1 at perfect balance.
+  Only real tokens count; groups without real tokens are left out of the average.
+
+  Args:
+    probs: [G, S, E] router probabilities.
+    selected: [G, S, E] 0/1 selections before capacity (k ones per real token).
+    padding_mask: [G, S], 1 for real tokens.
+  Returns:
+    scalar float32.
+  """
+  num_experts = probs.shape[-1]
+  mask = _token_mask(padding_mask, probs.shape[:2])[..., None]
+  tokens = jnp.sum(mask, axis=(1, 2))  # [G]
+  assignments = jnp.sum(selected * mask, axis=(1, 2))  # [G], k per real token
+  f = jnp.sum(selected * mask, axis=1) / jnp.maximum(assignments, 1.0)[:, None]  # [G, E]
+  p = jnp.sum(probs * mask, axis=1) / jnp.maximum(tokens, 1.0)[:, None]  # [G, E]
+  per_group = num_experts * jnp.sum(f * p, axis=-1)
+  has_tokens = (tokens > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
+def update_expert_bias(bias: Array, load: Array, rate: float) -> Array:
+  """DeepSeek-V3 aux-loss-free balancing: b_e ← b_e + rate · sign(mean(load) − load_e).
+
+  Underloaded experts get a larger bias (chosen more often), overloaded ones a smaller one.
+  """
+  return bias + rate * jnp.sign(jnp.mean(load) - load)
+
+
+def queue_positions(expert_index: Array, valid: Array, num_experts: int,
+                    priority: Optional[Array] = None) -> Array:
+  """Slot of every assignment in its expert's queue, per group.
+
+  Queue order: all first choices before all second choices (GShard); within one choice level,
+  tokens in `priority` order (default: sequence order).
+
+  Args:
+    expert_index: [G, S, k] int32.
+    valid: [G, S, k] bool; invalid assignments take no slot.
+    num_experts: E.
+    priority: optional [G, S] permutation of token indices, highest priority first.
+  Returns:
+    [G, S, k] int32 positions (meaningless where not valid).
+  """
+  if priority is not None:
+    expert_index = jnp.take_along_axis(expert_index, priority[..., None], axis=1)
+    valid = jnp.take_along_axis(valid, priority[..., None], axis=1)
+  g, s, k = expert_index.shape
+  # Choice-major flattening [G, k·S]: every first choice queues before any second choice.
+  flat_expert = jnp.swapaxes(expert_index, 1, 2).reshape(g, k * s)
+  flat_valid = jnp.swapaxes(valid, 1, 2).reshape(g, k * s)
+  one_hot = jax.nn.one_hot(flat_expert, num_experts, dtype=jnp.int32) * flat_valid[..., None]
+  position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=-1)  # [G, k·S]
+  position = jnp.swapaxes(position.reshape(g, k, s), 1, 2)
+  if priority is not None:  # back to sequence order
+    inverse = jnp.argsort(priority, axis=1)
+    position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+  return position
+
+
+# ---------------------------------------------------------------------------------------------
+# Router modules.
+# ---------------------------------------------------------------------------------------------
+def default_router_init():
+  # Switch Transformer: small init (scale 0.1) keeps early routing close to uniform.
+  return nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+
+class RouterLogits(nn.Module):
+  """Bias-free float32 projection x [G, S, H] -> logits [G, S, E].
+
+  Always float32 whatever the model dtype ("selective precision", Switch §2.4): the softmax
+  over experts and the exp inside the z-loss are unstable in bfloat16.
+  """
+  num_experts: int
+  kernel_init: nn.initializers.Initializer = default_router_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
+                        (x.shape[-1], self.num_experts), jnp.float32)
+    return jnp.einsum("gsh,he->gse", x.astype(jnp.float32), kernel,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _jitter(module: nn.Module, x: Array, eps: float) -> Array:
+  """Switch jitter: x · U(1−ε, 1+ε), from the 'jitter' RNG stream."""
+  noise = jax.random.uniform(module.make_rng("jitter"), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+  return x * noise
+
+
+class TokenChoiceRouter(nn.Module):
+  """Tokens choose their top-k experts.
+
+      logits = x W_r                                      [G, S, E] float32, W_r bias-free
+      scores = softmax(logits)  (or sigmoid, DeepSeek-V3)
+      experts = top_k(scores + b)                         b: aux-loss-free bias, selection only
+      gates   = scores[experts]  (or renormalised over the k chosen: Mixtral, Shazeer)
+
+  Training-only randomness (off when `deterministic`):
+    * jitter_noise ε: x ← x · U(1−ε, 1+ε) before the projection ('jitter' RNG stream).
+    * noisy_gating (Shazeer 2017): logits ← x W_r + N(0, 1) · softplus(x W_noise), the noisy
+      logits drive selection and gates ('gating_noise' RNG stream); the z-loss sees the clean ones.
+    * second_expert_policy='random' (GShard): choice j>=1 is kept with probability
+      min(1, 2 · g_j / Σ_i g_i) ('routing' RNG stream). A dropped choice takes no capacity.
+
+  Capacity: assignments queue per expert, all first choices before all second choices; within
+  a choice level by sequence order, or by descending top-1 score with `batch_prioritized`
+  (V-MoE; it lets later tokens displace earlier ones, so only for non-causal layers).
+  Assignments past the capacity C are dropped (the residual connection carries the token on).
+
+  Aux-loss-free balancing (DeepSeek-V3): with `expert_bias_update_rate` > 0 a per-expert bias
+  lives in the non-trainable collection 'moe_balance'. It is added to the scores for selection
+  only and, in training, updated by rate · sign(mean load − load) from this batch's loads. The
+  caller must make that collection mutable in training: `apply(..., mutable=['moe_balance'])`.
+  """
+  num_experts: int
+  num_selected_experts: int = 2
+  jitter_noise: float = 0.0
+  noisy_gating: bool = False
+  second_expert_policy: str = "all"
+  batch_prioritized: bool = False
+  normalize_combine_weights: bool = False
+  score_function: str = "softmax"
+  expert_bias_update_rate: float = 0.0
+  kernel_init: nn.initializers.Initializer = default_router_init()
+
+  def __post_init__(self):
+    _check_experts(self.num_experts, self.num_selected_experts)
+    if self.score_function not in SCORE_FUNCTIONS:
+      raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, "
+                       f"got {self.score_function!r}.")
+    if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
+      raise ValueError(f"second_expert_policy must be one of {SECOND_EXPERT_POLICIES}, "
+                       f"got {self.second_expert_policy!r}.")
+    if self.second_expert_policy == "random" and self.num_selected_experts < 2:
+      raise ValueError("second_expert_policy='random' needs num_selected_experts >= 2, "
+                       f"got {self.num_selected_experts}.")
+    if not 0.0 <= self.jitter_noise < 1.0:
+      raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}.")
+    if self.expert_bias_update_rate < 0:
+      raise ValueError(f"expert_bias_update_rate must be >= 0, got {self.expert_bias_update_rate}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array], capacity: Optional[int],
+               deterministic: bool) -> RouterOutput:
+    """Routes x [G, S, H]; `capacity` None means no limit (dropless)."""
+    e, k = self.num_experts, self.num_selected_experts
+    mask = _token_mask(padding_mask, x.shape[:2])
+    valid_token = mask > 0
+    x = x.astype(jnp.float32)
+    if self.jitter_noise > 0 and not deterministic:
+      x = _jitter(self, x, self.jitter_noise)
+    logits = RouterLogits(e, self.kernel_init, name="logits")(x)
+    noisy_logits = logits
+    if self.noisy_gating:
+      # Shazeer 2017 initialises W_noise to zero: noise std softplus(0) ≈ 0.69 at the start.
+      noise_std = nn.softplus(RouterLogits(e, nn.initializers.zeros, name="noise_logits")(x))
+      if not deterministic:
+        noise = jax.random.normal(self.make_rng("gating_noise"), logits.shape, jnp.float32)
+        noisy_logits = logits + noise * noise_std
+
+    if self.score_function == "softmax":
+      scores = jax.nn.softmax(noisy_logits, axis=-1)
+    else:
+      scores = jax.nn.sigmoid(noisy_logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+
+    selection_scores = scores
+    bias = None
+    if self.expert_bias_update_rate > 0:
+      bias = self.variable(EXPERT_BIAS_COLLECTION, "expert_bias", jnp.zeros, (e,), jnp.float32)
+      selection_scores = scores + jax.lax.stop_gradient(bias.value)
+    _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, S, k]
+    gates = jnp.take_along_axis(scores, expert_index, axis=-1)
+    gate_share = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    if self.normalize_combine_weights:
+      gates = gate_share
+
+    valid = jnp.broadcast_to(valid_token[..., None], expert_index.shape)
+    selected = jnp.sum(jax.nn.one_hot(expert_index, e) * valid[..., None], axis=2)  # [G, S, E]
+    if self.second_expert_policy == "random" and not deterministic:
+      u = jax.random.uniform(self.make_rng("routing"), gates.shape)
+      keep = u < jnp.minimum(1.0, 2.0 * gate_share)
+      valid = valid & keep.at[..., 0].set(True)
+
+    priority = None
+    if self.batch_prioritized:
+      priority = jnp.argsort(-jnp.max(scores, axis=-1), axis=1, stable=True)
+    position = queue_positions(expert_index, valid, e, priority)
+    kept = valid if capacity is None else valid & (position < capacity)
+
+    if bias is not None and not deterministic and not self.is_initializing():
+      if not self.is_mutable_collection(EXPERT_BIAS_COLLECTION):
+        raise ValueError(
+            "expert_bias_update_rate > 0 updates the expert bias in training: call "
+            f"apply(..., mutable=['{EXPERT_BIAS_COLLECTION}']) (or deterministic=True).")
+      load = jnp.sum(selected, axis=(0, 1))
+      bias.value = update_expert_bias(bias.value, load, self.expert_bias_update_rate)
+
+    routing = TokenChoiceRouting(
+        expert_index=expert_index.astype(jnp.int32),
+        combine_weights=gates * kept,
+        position=position.astype(jnp.int32),
+        kept=kept)
+    kept_per_expert = jnp.sum(jax.nn.one_hot(expert_index, e) * kept[..., None], axis=2)
+    return RouterOutput(
+        routing=routing, logits=logits, probs=probs, selected=selected, kept=kept_per_expert,
+        aux_loss=load_balancing_loss(probs, selected, mask),
+        z_loss=router_z_loss(logits, mask))
+
+
+class ExpertChoiceRouter(nn.Module):
+  """Experts choose tokens (Zhou et al. 2022): each expert takes its top-C tokens of the group.
+
+      probs = softmax(x W_r)                  [G, S, E], over experts
+      token_index[g, e, :] = top_C over s of probs[g, s, e]
+      combine weight = probs[g, token, e]
+
+  Balanced by construction (every expert fills its C slots), so no aux loss; a token may be
+  picked by several experts or by none. An expert's choice depends on the whole group, future
+  tokens included: not causal. Padding tokens are never preferred over real ones; slots that
+  still fall on padding (fewer real tokens than C) are marked invalid.
+  `num_selected_experts` is the average number of experts per token (k), used for the capacity
+  C = cf · k · S / E.
+  """
+  num_experts: int
+  num_selected_experts: int = 2
+  kernel_init: nn.initializers.Initializer = default_router_init()
+
+  def __post_init__(self):
+    _check_experts(self.num_experts, self.num_selected_experts)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array], capacity: Optional[int],
+               deterministic: bool) -> RouterOutput:
+    del deterministic  # expert choice has no training-only randomness
+    if capacity is None:
+      raise ValueError("ExpertChoiceRouter needs a capacity (expert choice has a fixed "
+                       "capacity by construction; dispatch='dropless' does not apply).")
+    mask = _token_mask(padding_mask, x.shape[:2])
+    logits = RouterLogits(self.num_experts, self.kernel_init, name="logits")(x)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Real tokens have probs in (0, 1]; padding gets -1 so it is chosen last.
+    candidates = jnp.where(mask[..., None] > 0, probs, -1.0)
+    top_probs, token_index = jax.lax.top_k(jnp.swapaxes(candidates, 1, 2), capacity)  # [G,E,C]
+    valid = top_probs >= 0
+    # [G, S, E] 0/1: which experts picked each token (scatter: no [G, E, C, S] one-hot).
+    g, e = jnp.arange(x.shape[0])[:, None, None], jnp.arange(self.num_experts)[None, :, None]
+    chosen = jnp.zeros(probs.shape, jnp.float32).at[g, token_index, e].add(valid)
+    routing = ExpertChoiceRouting(
+        token_index=token_index.astype(jnp.int32),
+        combine_weights=jnp.where(valid, top_probs, 0.0),
+        valid=valid)
+    return RouterOutput(
+        routing=routing, logits=logits, probs=probs, selected=chosen, kept=chosen,
+        aux_loss=jnp.zeros((), jnp.float32), z_loss=router_z_loss(logits, mask))
+
+
+def _check_experts(num_experts: int, num_selected_experts: int):
+  if num_experts < 1:
+    raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+  if not 1 <= num_selected_experts <= num_experts:
+    raise ValueError(f"num_selected_experts (top-k) must be in [1, num_experts={num_experts}], "
+                     f"got {num_selected_experts}.")

@@ -1,0 +1,32 @@
+"""moe_jax: sparse Mixture-of-Experts language models in JAX/Flax."""
+import setuptools
+
+# Lower bounds are the versions verified on the project's CPU machines (Python 3.11).
+CORE = [
+    "jax>=0.10.2",
+    "jaxlib>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "gin-config>=0.5.0",
+    "numpy>=2.0",
+]
+EXTRAS = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # The data side (tasks/) only; the core never imports these.
+    "data": ["seqio", "tensorflow-datasets", "sentencepiece"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setuptools.setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts language models in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)

@@ -1,0 +1,286 @@
+"""The MoE layer end to end against naive numpy loops, and the dispatchers against each other."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import reference as ref
+from moe_jax import moe_layer, routing
+
+B, L, H, F, E = 2, 12, 16, 24, 6
+
+
+def _inputs(seed=0, padding=True):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, L, H)).astype(np.float32)
+  mask = np.ones((B, L), np.float32)
+  if padding:
+    mask[0, -4:] = 0
+    mask[1, 5] = 0
+  return x, mask
+
+
+def _layer(router="token", k=2, dispatch="gather", activation="relu", cf=1.0, eval_cf=None,
+           group_size=None, **kwargs):
+  router_kwargs = {key: kwargs.pop(key) for key in list(kwargs)
+                   if key in ("batch_prioritized", "normalize_combine_weights",
+                              "second_expert_policy", "jitter_noise")}
+  if router == "token":
+    r = routing.TokenChoiceRouter(E, k, **router_kwargs)
+  else:
+    r = routing.ExpertChoiceRouter(E, k)
+  return moe_layer.MoeLayer(r, F, activation=activation, dispatch=dispatch,
+                            train_capacity_factor=cf, eval_capacity_factor=eval_cf or cf,
+                            min_capacity=1, group_size=group_size, **kwargs)
+
+
+def _init(layer, x, mask):
+  return layer.init({"params": jax.random.PRNGKey(0)}, x, mask, True)
+
+
+def _np_params(variables):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(variables["params"]))
+
+
+def _reference(layer, variables, x, mask, deterministic=True):
+  """Naive numpy MoE output: same grouping, routing from SPEC §2, per-token expert loops."""
+  params = _np_params(variables)
+  s = layer.group_size or x.shape[1]
+  xg = np.asarray(x, np.float64).reshape(-1, s, x.shape[-1])
+  mg = np.asarray(mask).reshape(-1, s)
+  logits = xg @ params["router"]["logits"]["kernel"]
+  k = layer.router.num_selected_experts
+  cf = layer.eval_capacity_factor if deterministic else layer.train_capacity_factor
+  cap = None if layer.dispatch == "dropless" else ref.capacity(s, E, k, cf, layer.min_capacity)
+  if isinstance(layer.router, routing.ExpertChoiceRouter):
+    r = ref.expert_choice(logits, cap, mg)
+    y = ref.moe_output_expert_choice(xg, r, params["experts"], layer.activation)
+  else:
+    r = ref.token_choice(logits, k, cap, mg,
+                         normalize=layer.router.normalize_combine_weights,
+                         batch_prioritized=layer.router.batch_prioritized)
+    y = ref.moe_output_token_choice(xg, r, params["experts"], layer.activation)
+  return y.reshape(x.shape), r, logits
+
+
+CASES = [
+    dict(router="token", k=1, activation="relu", cf=1.0),
+    dict(router="token", k=2, activation="swiglu", cf=0.7),
+    dict(router="token", k=2, activation="gelu", cf=0.7, batch_prioritized=True,
+         normalize_combine_weights=True),
+    dict(router="token", k=3, activation="geglu", cf=1.0),
+    dict(router="expert", k=2, activation="relu", cf=1.0),
+    dict(router="expert", k=1, activation="swiglu", cf=0.5),
+]
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "dropless"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_layer_matches_numpy_reference(dispatch, case):
+  if dispatch == "dropless" and case["router"] == "expert":
+    pytest.skip("dropless is token-choice only (tested as an error below)")
+  layer = _layer(dispatch=dispatch, **case)
+  x, mask = _inputs()
+  variables = _init(layer, x, mask)
+  y, aux = layer.apply(variables, x, mask, True)
+  want, r, logits = _reference(layer, variables, x, mask)
+  np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(aux.z_loss, ref.z_loss(logits, mask.reshape(logits.shape[:2])),
+                             rtol=1e-5)
+  if case["router"] == "token" and dispatch != "dropless" and case["cf"] < 1:
+    assert not r["kept"][mask.reshape(r["kept"].shape[:2]) > 0].all()  # drops exercised
+
+
+def _loss_and_grads(layer, variables, x, mask, deterministic=True):
+  cot = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+  def loss(params, x):
+    y, aux = layer.apply({"params": params}, x, mask, deterministic)
+    return jnp.sum(y * cot) + aux.aux_loss + aux.z_loss
+
+  return jax.value_and_grad(loss, argnums=(0, 1))(variables["params"], x)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_dispatchers_agree_on_outputs_and_gradients(activation):
+  # Capacity large enough (C = S) that dropless computes the same function.
+  x, mask = _inputs(seed=1)
+  results = {}
+  for dispatch in ("einsum", "gather", "dropless"):
+    layer = _layer(dispatch=dispatch, activation=activation, cf=float(E))
+    variables = _init(layer, x, mask)
+    results[dispatch] = _loss_and_grads(layer, variables, x, mask)
+  (l0, g0) = results["einsum"]
+  for name in ("gather", "dropless"):
+    l1, g1 = results[name]
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
+
+
+def test_gather_and_einsum_agree_with_drops_and_expert_choice():
+  x, mask = _inputs(seed=2)
+  for case in (dict(router="token", k=2, cf=0.6, batch_prioritized=True),
+               dict(router="expert", k=2, cf=0.8)):
+    out = {}
+    for dispatch in ("einsum", "gather"):
+      layer = _layer(dispatch=dispatch, **case)
+      out[dispatch] = _loss_and_grads(layer, _init(layer, x, mask), x, mask)
+    np.testing.assert_allclose(out["gather"][0], out["einsum"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 out["gather"][1], out["einsum"][1])
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "dropless"])
+def test_padding_takes_no_capacity_and_counts_in_no_statistic(dispatch):
+  x, mask = _inputs(seed=3)
+  layer = _layer(dispatch=dispatch, cf=0.7)
+  variables = _init(layer, x, mask)
+  y, aux = layer.apply(variables, x, mask, True)
+  x2 = np.where(mask[..., None] > 0, x, 100.0 * np.random.default_rng(9).normal(size=x.shape))
+  y2, aux2 = layer.apply(variables, x2.astype(np.float32), mask, True)
+  np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)  # real tokens unaffected
+  assert np.all(np.asarray(y)[mask == 0] == 0)  # padding gets no expert output
+  for key in aux.metrics:
+    np.testing.assert_allclose(aux2.metrics[key], aux.metrics[key], rtol=1e-6, err_msg=key)
+  np.testing.assert_allclose(aux2.aux_loss, aux.aux_loss, rtol=1e-6)
+  np.testing.assert_allclose(aux2.z_loss, aux.z_loss, rtol=1e-6)
+  assert float(jnp.sum(aux.metrics["expert_load_before"])) == 2 * mask.sum()
+
+
+def test_metrics_match_reference():
+  x, mask = _inputs(seed=4)
+  layer = _layer(dispatch="gather", k=2, cf=0.6)
+  variables = _init(layer, x, mask)
+  _, aux = layer.apply(variables, x, mask, True)
+  _, r, logits = _reference(layer, variables, x, mask)
+  m = mask.reshape(r["kept"].shape[:2]) > 0
+  selected = r["selected"][m].sum(0)
+  kept = np.zeros(E)
+  for g, s, j in zip(*np.nonzero(r["kept"])):
+    kept[r["expert"][g, s, j]] += 1
+  probs = r["scores"][m]
+  np.testing.assert_allclose(aux.metrics["expert_load_before"], selected)
+  np.testing.assert_allclose(aux.metrics["expert_load_after"], kept)
+  np.testing.assert_allclose(aux.metrics["dropped_fraction"], 1 - kept.sum() / selected.sum(),
+                             rtol=1e-6)
+  routed = r["kept"].any(-1)[m]
+  np.testing.assert_allclose(aux.metrics["unrouted_token_fraction"], 1 - routed.mean(), rtol=1e-6)
+  np.testing.assert_allclose(aux.metrics["router_entropy"],
+                             np.mean(-np.sum(probs * np.log(probs), -1)), rtol=1e-5)
+  np.testing.assert_allclose(aux.metrics["router_confidence"], probs.max(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux.aux_loss, ref.aux_loss(r["scores"], r["selected"],
+                                                        mask.reshape(m.shape)), rtol=1e-5)
+  assert int(aux.metrics["capacity"]) == ref.capacity(L, E, 2, 0.6, 1)
+
+
+def test_train_and_eval_capacity_factors_follow_deterministic():
+  x, mask = _inputs()
+  layer = _layer(cf=0.5, eval_cf=2.0, expert_dropout_rate=0.0)
+  variables = _init(layer, x, mask)
+  _, aux_eval = layer.apply(variables, x, mask, True)
+  _, aux_train = layer.apply(variables, x, mask, False)
+  assert int(aux_eval.metrics["capacity"]) == ref.capacity(L, E, 2, 2.0, 1)
+  assert int(aux_train.metrics["capacity"]) == ref.capacity(L, E, 2, 0.5, 1)
+  want, _, _ = _reference(layer, variables, x, mask, deterministic=False)
+  y_train, _ = layer.apply(variables, x, mask, False)
+  np.testing.assert_allclose(y_train, want, rtol=2e-4, atol=2e-5)
+
+
+def test_group_size_and_pad_groups():
+  x, mask = _inputs(seed=6)
+  layer = _layer(group_size=8, cf=1.0)  # 24 tokens -> 3 groups of 8
+  variables = _init(layer, x, mask)
+  y, _ = layer.apply(variables, x, mask, True)
+  want, _, _ = _reference(layer, variables, x, mask)
+  np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+  # 24 tokens in groups of 10: padded to 30, the 6 padding tokens change nothing.
+  padded = _layer(group_size=10, cf=1.0, pad_groups=True)
+  y, aux = padded.apply(variables, x, mask, True)
+  assert float(jnp.sum(aux.metrics["expert_load_before"])) == 2 * mask.sum()
+  xg = np.concatenate([x.reshape(-1, H), np.zeros((6, H), np.float32)]).reshape(3, 10, H)
+  mg = np.concatenate([mask.reshape(-1), np.zeros(6, np.float32)]).reshape(3, 10)
+  want, _, _ = _reference(_layer(group_size=10, cf=1.0), variables, xg, mg)
+  np.testing.assert_allclose(y.reshape(-1, H), want.reshape(-1, H)[:24], rtol=2e-4, atol=2e-5)
+
+
+def test_expert_dropout_is_training_only():
+  x, mask = _inputs()
+  layer = _layer(cf=2.0, expert_dropout_rate=0.5)
+  variables = _init(layer, x, mask)
+  y_eval, _ = layer.apply(variables, x, mask, True)
+  want, _, _ = _reference(layer, variables, x, mask)
+  np.testing.assert_allclose(y_eval, want, rtol=2e-4, atol=2e-5)
+  y_train, _ = layer.apply(variables, x, mask, False, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert not np.allclose(y_train, y_eval)
+
+
+def test_bfloat16_activations_keep_float32_router():
+  x, mask = _inputs()
+  layer = _layer(cf=2.0, dtype=jnp.bfloat16)
+  variables = _init(layer, jnp.asarray(x, jnp.bfloat16), mask)
+  y, aux = layer.apply(variables, jnp.asarray(x, jnp.bfloat16), mask, True)
+  assert y.dtype == jnp.bfloat16 and aux.z_loss.dtype == jnp.float32
+  want, _, _ = _reference(layer, variables, x, mask)
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_sharded_batch_gives_unsharded_result():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, L, H)).astype(np.float32)
+  mask = np.ones((8, L), np.float32)
+  layer = _layer(cf=1.0)
+  variables = _init(layer, x, mask)
+  apply = jax.jit(lambda v, x, m: layer.apply(v, x, m, True)[0])
+  want = apply(variables, x, mask)
+  sharding = NamedSharding(mesh, P("data"))
+  got = apply(variables, jax.device_put(x, sharding), jax.device_put(mask, sharding))
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+BAD_SETTINGS = [
+    (lambda: routing.TokenChoiceRouter(4, 5), r"num_selected_experts .*\[1, num_experts=4\].*5"),
+    (lambda: routing.TokenChoiceRouter(4, 0), r"num_selected_experts .*\[1, num_experts=4\].*0"),
+    (lambda: routing.ExpertChoiceRouter(4, 6), r"num_selected_experts"),
+    (lambda: routing.TokenChoiceRouter(4, 2, score_function="tanh"), r"score_function must be one "
+     r"of \('softmax', 'sigmoid'\)"),
+    (lambda: routing.TokenChoiceRouter(4, 2, second_expert_policy="x"), r"second_expert_policy"),
+    (lambda: _layer(cf=0.0), r"train_capacity_factor must be > 0, got 0.0"),
+    (lambda: _layer(cf=1.0, eval_cf=-1.0), r"eval_capacity_factor must be > 0"),
+    (lambda: _layer(activation="tanh"),
+     r"activation must be one of \('relu', 'gelu', 'swiglu', 'geglu'\), got 'tanh'"),
+    (lambda: _layer(dispatch="scatter"),
+     r"dispatch must be one of \('einsum', 'gather', 'dropless'\), got 'scatter'"),
+    (lambda: _layer(router="expert", dispatch="dropless"), r"dropless.*token-choice"),
+    (lambda: _layer(expert_implementation="magic"), r"expert_implementation must be one of"),
+    (lambda: _layer(group_size=0), r"group_size must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_SETTINGS)
+def test_bad_settings_raise_clear_errors_at_construction(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_group_size_not_dividing_tokens_raises_before_compilation():
+  x, mask = _inputs()
+  layer = _layer(group_size=5)  # 24 tokens
+  # eval_shape only traces: the error comes before anything reaches XLA.
+  with pytest.raises(ValueError, match=r"group_size=5 does not divide the 24 tokens.*pad_groups"):
+    jax.eval_shape(lambda: _init(layer, x, mask))
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "dropless"])
+def test_expert_implementations_agree_inside_the_layer(dispatch):
+  x, mask = _inputs(seed=7)
+  out = {}
+  for impl in ("reference", "loop"):
+    layer = _layer(dispatch=dispatch, activation="swiglu", cf=0.8, expert_implementation=impl)
+    out[impl] = _loss_and_grads(layer, _init(layer, x, mask), x, mask)
+  np.testing.assert_allclose(out["loop"][0], out["reference"][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               out["loop"][1], out["reference"][1])
