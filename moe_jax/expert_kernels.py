@@ -14,21 +14,25 @@ Expert ``e`` on rows ``x_e: [n, H]`` computes
 
 with ``w_in, w_gate: [E, H, F]`` and ``w_out: [E, F, H]``.
 
-Why the CPU formulations look the way they do (XLA:CPU, measured on a 2-core
-AVX-512 machine, see the benchmark notes in the tests / project docs):
+Why the CPU paths look the way they do (XLA:CPU, jax 0.10, 2-core AVX-512 box):
 
-* A batched ``dot_general`` over the expert axis runs at ~90-120 GFLOP/s, while a
-  plain 2-D dot of the same per-expert shape runs at ~140-180 GFLOP/s. A
-  ``lax.scan`` over experts that issues 2-D dots is therefore faster than
-  ``einsum``; the weight-gradient dots ``x_e^T @ dh_e`` (contraction over the
-  small row dimension) are the slowest ones either way.
-* Autodiff through ``scan``/``switch``/``while`` either cannot handle dynamic
-  trip counts or stacks per-branch residuals padded to the worst case, so both
-  CPU paths use a ``jax.custom_vjp`` whose forward saves only the
-  pre-activations and whose backward is an explicit loop over experts.
-* Data-dependent row counts are handled with ``lax.switch`` over a small set of
-  static row counts ("buckets"), so every dot has a static shape and at most
-  ``bucket - count`` rows per chunk are wasted.
+* XLA:CPU sends row-major 2-D dots (``x @ w``, ``x @ w.T``) to YNNPACK and
+  ``x.T @ dh`` weight-gradient dots to Eigen; per-expert 2-D dots of ~100-200
+  rows run at about dense-matmul throughput, batched ``dot_general`` over the
+  expert axis does not (einsum is 3-10% slower end to end at E=64-128). Hence
+  a ``lax.scan`` over experts issuing 2-D dots ("scan" / "chunked"). Fusing
+  w_gate|w_in into one [H, 2F] dot was tried and is slower (extra copies).
+* Autodiff through ``scan``/``switch`` stacks per-branch residuals padded to the
+  worst case, and cannot go through ``while`` loops with data-dependent trip
+  counts, so both CPU paths use a ``jax.custom_vjp``: the forward saves only the
+  pre-activations ([rows, F]); the backward is an explicit loop over experts.
+* Data-dependent row counts use ``lax.switch`` over <= 16 static row counts
+  ("buckets"), so every dot has a static shape and at most one bucket step of
+  rows per chunk is wasted; compile time stays ~2 s at realistic sizes.
+* What remains between these kernels and a dense FFN at large E is mostly not
+  the dots: it is first-touch page faults on the fresh [E, H, F] weight-gradient
+  buffers (~0.3 ms per MB here, i.e. ~100 ms for 3 x 128 MB at E=64) and the
+  per-expert copies of weight slices, both inherent to per-expert weights.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _buckets(limit: int, n_buckets: int = _MAX_BUCKETS) -> tuple[int, ...]:
+def _buckets(limit: int, n_buckets: Optional[int] = None) -> tuple[int, ...]:
   """Ascending static row counts ``(q, 2q, ..., limit)`` with at most n_buckets."""
+  n_buckets = n_buckets or _MAX_BUCKETS
   q = _round_up(max(1, -(-limit // n_buckets)), _ROW_ALIGN)
   return tuple(sorted({min(limit, q * i) for i in range(1, -(-limit // q) + 1)}))
 
@@ -228,7 +233,8 @@ def capacity_ffn(x: jax.Array, w_in: jax.Array, w_gate: Optional[jax.Array],
   if implementation == "einsum":
     y = _einsum_ffn(x, w_in, w_gate, w_out, activation)
     if counts is not None:
-      y = jnp.where(_slot_mask(counts, C)[..., None], y, 0)
+      valid = jnp.arange(C)[None, :] < counts.astype(jnp.int32)[:, None]
+      y = jnp.where(valid[..., None], y, 0)
     return y
   if implementation == "scan":
     if counts is None:
@@ -239,10 +245,6 @@ def capacity_ffn(x: jax.Array, w_in: jax.Array, w_gate: Optional[jax.Array],
       buckets = _buckets(C)
     return _capacity_scan(x, w_in, w_gate, w_out, counts_, activation, buckets)
   raise ValueError(f"unknown capacity_ffn implementation {implementation!r}")
-
-
-def _slot_mask(counts, C):
-  return jnp.arange(C, dtype=jnp.int32)[None, :] < counts.astype(jnp.int32)[:, None]
 
 
 # ----------------------------------------------------------------------------
@@ -260,13 +262,15 @@ def _ragged_dot_ffn(x, group_sizes, w_in, w_gate, w_out, act):
 
 
 def _ragged_plan(M: int, E: int) -> tuple[int, tuple[int, ...]]:
-  """Static chunk size B and remainder buckets for the chunked ragged kernel.
+  """Static chunk size B and row-count buckets for the chunked ragged kernel.
 
-  B ~ 2x the mean group size, so a typical group is a single chunk handled by
-  one switch branch; larger groups loop over full B-row chunks.
+  B = mean group size + 4 sqrt(mean) (>= 64): with roughly balanced routing a
+  group is one chunk, handled by one switch branch with bucket step ~B/16.
+  Bigger groups loop over B-row chunks. (B = 2 x mean was ~10% slower at E=8,
+  where the padded B-row windows get large.)
   """
-  B = min(max(2 * -(-M // E), 64), 2048)
-  B = min(_round_up(B, _ROW_ALIGN), M)
+  avg = -(-M // E)
+  B = min(_round_up(min(max(avg + 4 * math.isqrt(avg), 64), 2048), _ROW_ALIGN), M)
   return B, _buckets(B)
 
 
@@ -277,41 +281,48 @@ def _group_bounds(group_sizes, M):
 
 
 def _chunk_geometry(start, end, j, M, B, buckets):
-  """Chunk j of a group: window start W (B rows, in bounds), the group's rows
-  [lo, hi) within the window, and the switch bucket index."""
+  """Chunk j of a group: its first row p, the in-bounds B-row output window
+  [W, W + B) containing it, the chunk's rows [lo, hi) within the window, and
+  the switch bucket index."""
   p = start + j * B
   r = jnp.minimum(B, end - p)
   W = jnp.minimum(p, M - B)
   lo = p - W
-  return W, lo, lo + r, _bucket_index(r, buckets)
+  return p, W, lo, lo + r, _bucket_index(r, buckets)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _ragged_chunked(x, group_sizes, w_in, w_gate, w_out, act, B, buckets):
-  return _ragged_chunked_fwd(x, group_sizes, w_in, w_gate, w_out, act, B, buckets)[0]
+  # Primal-only (inference) path: XLA cannot drop the residual buffers carried
+  # through the while loops, so don't build them.
+  return _ragged_chunked_fwd(x, group_sizes, w_in, w_gate, w_out, act, B, buckets,
+                             save_residuals=False)[0]
 
 
-def _ragged_chunked_fwd(x, group_sizes, w_in, w_gate, w_out, act, B, buckets):
+def _ragged_chunked_fwd(x, group_sizes, w_in, w_gate, w_out, act, B, buckets,
+                        save_residuals=True):
+  """Scan over experts; each group runs as B-row chunks. Every chunk's switch
+  branch computes its s = bucket rows, pads the result into the B-row window
+  [W, W + B) and the caller writes the group's rows of that window in place."""
   M = x.shape[0]
   F = w_in.shape[2]
   starts, ends = _group_bounds(group_sizes, M)
-  n_res = 1 if w_gate is None else 2
+  n_res = (1 if w_gate is None else 2) if save_residuals else 0
 
   def expert(carry, xs):
     wi, wg, wo, start, end = xs
 
     def branch(s):
-      def run(xw, lo):
-        l = jnp.minimum(lo, B - s)  # where dynamic_slice really starts
-        y, res = _ffn_fwd_rows(lax.dynamic_slice_in_dim(xw, l, s), wi, wg, wo, act)
-        return _pad_rows(y, B, l), tuple(_pad_rows(r, B, l) for r in res)
+      def run(p, W):
+        q = jnp.minimum(p, M - s)  # rows [q, q + s) hold the chunk, in bounds
+        y, res = _ffn_fwd_rows(lax.dynamic_slice_in_dim(x, q, s), wi, wg, wo, act)
+        return _pad_rows(y, B, q - W), tuple(_pad_rows(r, B, q - W) for r in res[:n_res])
       return run
 
     def chunk(j, carry):
       y, res = carry
-      W, lo, hi, k = _chunk_geometry(start, end, j, M, B, buckets)
-      xw = lax.dynamic_slice_in_dim(x, W, B)
-      yb, resb = lax.switch(k, [branch(s) for s in buckets], xw, lo)
+      p, W, lo, hi, k = _chunk_geometry(start, end, j, M, B, buckets)
+      yb, resb = lax.switch(k, [branch(s) for s in buckets], p, W)
       m = _row_mask(B, lo, hi)
 
       def put(buf, new):
@@ -342,22 +353,21 @@ def _ragged_chunked_bwd(act, B, buckets, saved, dy):
     wi, wg, wo, start, end = xs
 
     def branch(s):
-      def run(xw, dyw, resw, lo, hi):
-        l = jnp.minimum(lo, B - s)
-        sl = lambda a: lax.dynamic_slice_in_dim(a, l, s)
-        d = jnp.where(_row_mask(s, lo - l, hi - l), sl(dyw), 0)
-        dxs, *dws = _ffn_bwd_rows(sl(xw), tuple(map(sl, resw)), d, wi, wg, wo, act)
-        return (_pad_rows(dxs, B, l), *dws)
+      def run(p, W, r):
+        q = jnp.minimum(p, M - s)
+        sl = lambda a: lax.dynamic_slice_in_dim(a, q, s)
+        d = jnp.where(_row_mask(s, p - q, p - q + r), sl(dy), 0)
+        dxs, *dws = _ffn_bwd_rows(sl(x), tuple(map(sl, res)), d, wi, wg, wo, act)
+        return (_pad_rows(dxs, B, q - W), *dws)
       return run
 
     def chunk(j, carry):
       dx, acc = carry
-      W, lo, hi, k = _chunk_geometry(start, end, j, M, B, buckets)
-      win = lambda a: lax.dynamic_slice_in_dim(a, W, B)
-      dxb, *dws = lax.switch(k, [branch(s) for s in buckets],
-                             win(x), win(dy), tuple(map(win, res)), lo, hi)
+      p, W, lo, hi, k = _chunk_geometry(start, end, j, M, B, buckets)
+      dxb, *dws = lax.switch(k, [branch(s) for s in buckets], p, W, hi - lo)
+      old = lax.dynamic_slice_in_dim(dx, W, B)
       dx = lax.dynamic_update_slice_in_dim(
-          dx, jnp.where(_row_mask(B, lo, hi), dxb, win(dx)), W, 0)
+          dx, jnp.where(_row_mask(B, lo, hi), dxb, old), W, 0)
       acc = tuple(None if a is None else a + d for a, d in zip(acc, dws))
       return dx, acc
 

@@ -143,7 +143,11 @@ class MoeLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None,
                deterministic: bool = True) -> Tuple[Array, MoeAux]:
-    """x: [B, L, H]; padding_mask: [B, L], 1 for real tokens (from the data, not inferred)."""
+    """x: [B, L, H]; padding_mask: [B, L], 1 for real tokens (from the data, not inferred).
+
+    `deterministic` is a Python bool (static under jit): True for evaluation (eval capacity
+    factor, no noise, no expert dropout, no bias update), False for training.
+    """
     x = jnp.asarray(x)
     batch, seq_len, h = x.shape
     num_tokens = batch * seq_len
