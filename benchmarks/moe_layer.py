@@ -1,6 +1,7 @@
 """MoE layer speed against its dense equivalent, measured in one process.
 
-For each config and dispatch, forward+backward (jit, warm-up, median of --repeats runs) of:
+For each config and dispatch, forward+backward (jit, warm-up, median of --repeats interleaved
+rounds, wall time on the CPU backend) of:
   layer    the MoE layer (routing + dispatch + experts + combine), training mode
   dense    a dense FFN doing the layer's ideal work: width k·F on the same tokens
   floor    "experts-only floor": a plain batched einsum expert FFN on an already-dispatched
@@ -34,16 +35,23 @@ from moe_jax.moe_layer import MoeLayer  # noqa: E402
 from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter  # noqa: E402
 
 
-def timeit(fn, *args, repeats=5):
-  """Median wall time of a jitted fn (after compile + one warm-up run)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
+def timeit(named_calls, repeats=5):
+  """Median wall time of each (fn, args), measured in interleaved rounds.
+
+  Every round runs each function once, so slow drifts of the machine (other processes,
+  memory state) hit all of them alike and the ratios stay honest. Each function is compiled
+  and warmed up twice first (the first runs in a process are up to 40% slow).
+  """
+  for fn, args in named_calls.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in named_calls}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, (fn, args) in named_calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def square_loss(y):
@@ -57,7 +65,8 @@ def grad_fn(f, argnums):
   return jax.jit(jax.grad(lambda *a: square_loss(f(*a)), argnums=argnums))
 
 
-def dense_equivalent(x, k, hidden, activation, repeats):
+def dense_equivalent(x, k, hidden, activation):
+  """(fn, args): fwd+bwd of a dense FFN of width k·F on the same tokens."""
   act, gated = ACTIVATIONS[activation]
   h = x.shape[-1]
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
@@ -71,73 +80,65 @@ def dense_equivalent(x, k, hidden, activation, repeats):
       hid = hid * (x @ w_in)
     return hid @ w_out
 
-  return timeit(grad_fn(ffn, (0, 1, 2, 3) if gated else (0, 1, 3)), x, w_in, w_gate, w_out,
-                repeats=repeats)
+  return grad_fn(ffn, (0, 1, 2, 3) if gated else (0, 1, 3)), (x, w_in, w_gate, w_out)
 
 
-def run_config(num_experts, k, router_kind, dispatch, args, x, dense_time):
+def run_config(num_experts, k, router_kind, dispatch, args, x):
   tokens, h = x.shape[1], x.shape[2]
   act, gated = ACTIVATIONS[args.activation]
   router = (ExpertChoiceRouter(num_experts, k) if router_kind == "expert"
             else TokenChoiceRouter(num_experts, k))
   layer = MoeLayer(router, args.hidden, activation=args.activation, dispatch=dispatch,
                    train_capacity_factor=args.capacity_factor, group_size=tokens)
-  variables = layer.init({"params": jax.random.PRNGKey(0)}, x, None, True)
-  params = variables["params"]
+  params = layer.init({"params": jax.random.PRNGKey(0)}, x, None, True)["params"]
 
   def loss(params, x):
     y, aux = layer.apply({"params": params}, x, None, False)
     return square_loss(y) + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss
 
-  layer_time = timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, repeats=args.repeats)
   _, aux = jax.jit(lambda p, x: layer.apply({"params": p}, x, None, False))(params, x)
   dropped = float(aux.metrics["dropped_fraction"])
+  load = np.asarray(aux.metrics["expert_load_after"]).astype(np.int32)
 
   capacity = layer.capacity(tokens, deterministic=False)
   w = nn.meta.unbox(params["experts"])
-  w_in, w_gate, w_out = w["wi"], w.get("wi_gate"), w["wo"]
+  weights = (w["wi"], w.get("wi_gate"), w["wo"])
+  weight_args = (0, 1, 2, 3) if gated else (0, 1, 3)
   buffer_rows = capacity if capacity is not None else -(-tokens * k // num_experts)
   buf = jax.random.normal(jax.random.PRNGKey(3), (num_experts, buffer_rows, h))
 
   def plain(buf, w_in, w_gate, w_out):
     return expert_kernels.capacity_ffn(buf, w_in, w_gate, w_out, act, implementation="einsum")
 
-  weight_args = (0, 1, 2, 3) if gated else (0, 1, 3)
-  floor_time = timeit(grad_fn(plain, weight_args), buf, w_in, w_gate, w_out,
-                      repeats=args.repeats)
-
-  # Our kernel on the layer's own loads (per-expert counts or ragged group sizes).
-  load = np.asarray(aux.metrics["expert_load_after"]).astype(np.int32)
+  # Our kernel alone on the layer's own loads (per-expert counts or ragged group sizes).
   if dispatch == "dropless":
-    rows = tokens * k
-    xs = jax.random.normal(jax.random.PRNGKey(4), (rows, h))
     sizes = jnp.asarray(load)
+    kernel_in = jax.random.normal(jax.random.PRNGKey(4), (tokens * k, h))
 
     def ours(xs, w_in, w_gate, w_out):
       return expert_kernels.ragged_ffn(xs, sizes, w_in, w_gate, w_out, act)
-
-    kernel_time = timeit(grad_fn(ours, weight_args), xs, w_in, w_gate, w_out,
-                         repeats=args.repeats)
   else:
     counts = jnp.asarray(np.minimum(load, capacity)) if router_kind == "token" else None
+    kernel_in = buf
     if counts is not None:
-      slot = jnp.arange(capacity)[None, :, None]
-      buf = jnp.where(slot < counts[:, None, None], buf, 0)
+      kernel_in = jnp.where(jnp.arange(capacity)[None, :, None] < counts[:, None, None], buf, 0)
 
     def ours(buf, w_in, w_gate, w_out):
       return expert_kernels.capacity_ffn(buf, w_in, w_gate, w_out, act, counts=counts)
 
-    kernel_time = timeit(grad_fn(ours, weight_args), buf, w_in, w_gate, w_out,
-                         repeats=args.repeats)
-
+  t = timeit({
+      "dense": dense_equivalent(x[0], k, args.hidden, args.activation),
+      "layer": (jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)),
+      "floor": (grad_fn(plain, weight_args), (buf, *weights)),
+      "kernel": (grad_fn(ours, weight_args), (kernel_in, *weights)),
+  }, repeats=args.repeats)
   name = f"E={num_experts:<3d} k={k} {router_kind:6s} {dispatch:8s}"
-  print(f"{name} ratio={layer_time / dense_time:5.2f} floor={floor_time / dense_time:5.2f} "
-        f"overhead={layer_time / floor_time:5.2f} dispatch={layer_time / kernel_time:5.2f} "
-        f"dropped={dropped:.3f}  (layer {1e3 * layer_time:.0f} ms, dense "
-        f"{1e3 * dense_time:.0f} ms, floor {1e3 * floor_time:.0f} ms, kernel "
-        f"{1e3 * kernel_time:.0f} ms)", flush=True)
+  print(f"{name} ratio={t['layer'] / t['dense']:5.2f} floor={t['floor'] / t['dense']:5.2f} "
+        f"overhead={t['layer'] / t['floor']:5.2f} dispatch={t['layer'] / t['kernel']:5.2f} "
+        f"dropped={dropped:.3f}  (" + ", ".join(f"{n} {1e3 * v:.0f} ms" for n, v in t.items())
+        + ")", flush=True)
   return dict(experts=num_experts, k=k, router=router_kind, dispatch=dispatch,
-              ratio=layer_time / dense_time, overhead=layer_time / floor_time)
+              ratio=t["layer"] / t["dense"], overhead=t["layer"] / t["floor"])
 
 
 def main():
@@ -177,14 +178,9 @@ def main():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, args.batch * args.length, args.model_dim))
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} cpus; tokens={x.shape[1]} (one group) H={args.model_dim} "
-        f"F={args.hidden} act={args.activation} cf={args.capacity_factor}; fwd+bwd, "
-        f"median of {args.repeats}", flush=True)
-  dense_times = {}
-  results = []
-  for e, k, r, d in configs:
-    if k not in dense_times:
-      dense_times[k] = dense_equivalent(x[0], k, args.hidden, args.activation, args.repeats)
-    results.append(run_config(e, k, r, d, args, x, dense_times[k]))
+        f"F={args.hidden} act={args.activation} cf={args.capacity_factor}; fwd+bwd of 0.5·Σy², "
+        f"median of {args.repeats} interleaved rounds", flush=True)
+  results = [run_config(e, k, r, d, args, x) for e, k, r, d in configs]
 
   def pick(dispatch, e, k=2, router="token"):
     return [res for res in results if (res["dispatch"], res["experts"], res["k"],

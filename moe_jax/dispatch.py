@@ -63,10 +63,47 @@ def _gather_rows(x_flat: Array, rows: Array) -> Array:
   return x_flat.at[rows].get(mode="fill", fill_value=0)
 
 
-def _combine_token_choice(outputs_flat: Array, rows: Array, weights: Array) -> Array:
-  """y[g, s] = Σ_j w[g, s, j] · outputs[rows[g, s, j]]: one gather of k rows per token."""
-  gathered = _gather_rows(outputs_flat, rows)  # [G, S, k, H]
-  return jnp.einsum("gskh,gsk->gsh", gathered, weights.astype(gathered.dtype))
+@jax.custom_vjp
+def _combine_rows(outputs: Array, weights: Array, rows: Array, row_token: Array) -> Array:
+  """y[t] = Σ_j weights[t, j] · outputs[rows[t, j]]: one gather of k rows per token.
+
+  outputs [R, H]; weights, rows [T, k]; row_token [R]: the token each row belongs to (T where
+  none). Every row feeds at most one (token, choice), so the backward to `outputs` is a gather
+  through the inverse map `row_token` rather than autodiff's scatter-add, which XLA:CPU runs
+  ~8× slower (19 ms vs 2.5 ms for T=4096, k=2, H=512).
+  """
+  return _combine_rows_fwd(outputs, weights, rows, row_token)[0]
+
+
+def _combine_rows_fwd(outputs, weights, rows, row_token):
+  gathered = _gather_rows(outputs, rows)  # [T, k, H]
+  # Unrolled over the static k: one fused elementwise loop (measured 0.6 ms at T=4096, k=2,
+  # H=512, vs 1.1 ms as an einsum and 3.0 ms as a multiply + reduce over k).
+  w = weights.astype(gathered.dtype)
+  y = sum(gathered[:, j] * w[:, j, None] for j in range(gathered.shape[1]))
+  return y, (gathered, weights, rows, row_token)
+
+
+def _combine_rows_bwd(saved, dy):
+  gathered, weights, rows, row_token = saved
+  row_weight = jnp.zeros(row_token.shape, weights.dtype).at[rows.ravel()].set(
+      weights.ravel(), mode="drop")
+  d_outputs = _gather_rows(dy, row_token) * row_weight[:, None].astype(dy.dtype)
+  # As an einsum (1.4 ms); a multiply + reduce over H fuses badly on XLA:CPU (26 ms).
+  d_weights = jnp.einsum("tkh,th->tk", gathered, dy, preferred_element_type=jnp.float32)
+  return d_outputs, d_weights.astype(weights.dtype), None, None
+
+
+_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
+def _combine_token_choice(outputs_flat: Array, state: Tuple[Array, Array], weights: Array
+                          ) -> Array:
+  """y[g, s] = Σ_j w[g, s, j] · outputs[rows[g, s, j]]."""
+  rows, row_token = state
+  g, s, k = rows.shape
+  y = _combine_rows(outputs_flat, weights.reshape(g * s, k), rows.reshape(g * s, k), row_token)
+  return y.reshape(g, s, -1)
 
 
 class EinsumDispatcher:
@@ -126,7 +163,7 @@ class GatherDispatcher:
       slot_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
           token.ravel(), mode="drop")
       inputs = _gather_rows(x_flat, slot_token).reshape(num_experts, g * capacity, h)
-      return ExpertBatch(inputs, counts=jnp.sum(counts_ge, axis=0)), rows
+      return ExpertBatch(inputs, counts=jnp.sum(counts_ge, axis=0)), (rows, slot_token)
     cap = routing.token_index.shape[-1]
     slot_token = routing.token_index + (jnp.arange(g, dtype=jnp.int32) * s)[:, None, None]
     slot_token = jnp.where(routing.valid, slot_token, g * s)  # [G, E, C]
@@ -170,7 +207,7 @@ class DroplessDispatcher:
     row_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
         token.ravel(), mode="drop")
     inputs = _gather_rows(x.reshape(g * s, h), row_token)
-    return ExpertBatch(inputs, group_sizes=load.astype(jnp.int32)), rows
+    return ExpertBatch(inputs, group_sizes=load.astype(jnp.int32)), (rows, row_token)
 
   def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
     return _combine_token_choice(outputs, state, routing.combine_weights)
