@@ -1,4 +1,4 @@
-"""MoE layer speed against its dense equivalent, measured in one process.
+"""MoE layer speed against its dense equivalent: the four timings of a ratio side by side.
 
 For each config and dispatch, forward+backward (jit, warm-up, median of --repeats interleaved
 rounds, wall time on the CPU backend) of:
@@ -14,11 +14,13 @@ and prints
   dispatch = layer / kernel     (routing+dispatch+combine over our own expert kernel)
   dropped  = fraction of assignments dropped by capacity
 
-    python benchmarks/moe_layer.py                       # the full table
+    python benchmarks/moe_layer.py                       # the full table, a process per config
     python benchmarks/moe_layer.py --experts 64 --top_k 2 --dispatch gather --quick
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -141,6 +143,33 @@ def run_config(num_experts, k, router_kind, dispatch, args, x):
               ratio=t["layer"] / t["dense"], overhead=t["layer"] / t["floor"])
 
 
+def run_isolated(config, args):
+  """Runs one config in a fresh process and returns its result.
+
+  Why: XLA:CPU takes its large buffers from the C allocator, whose state carries over from one
+  config to the next. Measured in one process, the config that followed the E=64 einsum
+  reference (300+ MB temporaries) ran its expert kernel ~35% slower for all of its rounds, in
+  two full runs out of two, and not when run alone. A training job runs one config per
+  process, so each config gets its own.
+  """
+  e, k, r, d = config
+  argv = [sys.executable, os.path.abspath(__file__), "--child", "--quick",
+          "--experts", str(e), "--top_k", str(k), "--router", r, "--dispatch", d]
+  for flag in ("batch", "length", "model_dim", "hidden", "activation", "capacity_factor",
+               "repeats"):
+    argv += [f"--{flag}", str(getattr(args, flag))]
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"config {config} failed:\n{proc.stderr[-3000:]}")
+  result = None
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      result = json.loads(line[len("RESULT "):])
+    elif line.startswith("E="):
+      print(line, flush=True)
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser(description="MoE layer vs dense-equivalent benchmark.")
   parser.add_argument("--experts", type=int, action="append",
@@ -160,6 +189,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true",
                       help="only the configs named by the flags (default E=64, k=2, gather)")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.quick:
@@ -180,7 +210,13 @@ def main():
         f"{os.cpu_count()} cpus; tokens={x.shape[1]} (one group) H={args.model_dim} "
         f"F={args.hidden} act={args.activation} cf={args.capacity_factor}; fwd+bwd of 0.5·Σy², "
         f"median of {args.repeats} interleaved rounds", flush=True)
-  results = [run_config(e, k, r, d, args, x) for e, k, r, d in configs]
+  if args.child or len(configs) == 1:
+    results = [run_config(e, k, r, d, args, x) for e, k, r, d in configs]
+  else:
+    results = [run_isolated(config, args) for config in configs]
+  if args.child:
+    print("RESULT " + json.dumps(results[0]))
+    return
 
   def pick(dispatch, e, k=2, router="token"):
     return [res for res in results if (res["dispatch"], res["experts"], res["k"],

@@ -12,6 +12,7 @@ weights them into the total loss (aux_loss_weight, router_z_loss_weight).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -33,7 +34,8 @@ class MoeAux:
   aux_loss: load-balancing loss (SPEC §2), unweighted.
   z_loss: router z-loss, unweighted.
   metrics: dict of scalars and per-expert [E] vectors, padding excluded:
-    dropped_fraction        kept assignments lost to capacity (and GShard random routing)
+    dropped_fraction        assignments that queued for a slot and found none (capacity)
+    random_routing_skipped_fraction  selections skipped by GShard random routing
     unrouted_token_fraction real tokens that reached no expert (their MoE output is 0)
     expert_load_before      [E] assignments per expert chosen by the router (all groups)
     expert_load_after       [E] the same after capacity
@@ -52,12 +54,16 @@ def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[i
   mask = padding_mask.astype(jnp.float32)
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
   selected = jnp.sum(out.selected * mask[..., None], axis=(0, 1))
+  admitted = jnp.sum(out.admitted * mask[..., None], axis=(0, 1))
   kept = jnp.sum(out.kept * mask[..., None], axis=(0, 1))
   routed = jnp.sum(out.kept, axis=-1) > 0
   p = out.probs
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
   return {
-      "dropped_fraction": 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(selected), 1.0),
+      # Written as (a − b) / a so that a batch without real tokens reports 0, not 1.
+      "dropped_fraction": jnp.sum(admitted - kept) / jnp.maximum(jnp.sum(admitted), 1.0),
+      "random_routing_skipped_fraction":
+          jnp.sum(selected - admitted) / jnp.maximum(jnp.sum(selected), 1.0),
       "unrouted_token_fraction": jnp.sum(mask * (1.0 - routed)) / tokens,
       "expert_load_before": selected,
       "expert_load_after": kept,
@@ -103,8 +109,11 @@ class MoeLayer(nn.Module):
     dispatch_lib.make_dispatcher(self.dispatch)  # validates the name
     check_implementation(self.expert_implementation)
     for name in ("train_capacity_factor", "eval_capacity_factor"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}.")
+    if not 0.0 <= self.expert_dropout_rate < 1.0:
+      raise ValueError(f"expert_dropout_rate must be in [0, 1), got {self.expert_dropout_rate}.")
     if self.min_capacity < 0:
       raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}.")
     if self.group_size is not None and self.group_size < 1:
@@ -149,7 +158,12 @@ class MoeLayer(nn.Module):
     factor, no noise, no expert dropout, no bias update), False for training.
     """
     x = jnp.asarray(x)
+    if x.ndim != 3:
+      raise ValueError(f"MoeLayer expects x of shape [batch, length, d_model], got {x.shape}.")
     batch, seq_len, h = x.shape
+    if padding_mask is not None and tuple(padding_mask.shape) != (batch, seq_len):
+      raise ValueError(f"padding_mask must have shape [batch, length] = {(batch, seq_len)}, "
+                       f"got {tuple(padding_mask.shape)}.")
     num_tokens = batch * seq_len
     s, pad = self._groups(num_tokens, seq_len)
     tokens = x.reshape(num_tokens, h)

@@ -77,9 +77,11 @@ class RouterOutput:
     logits: [G, S, E] float32 router logits (before any noise) — input of the z-loss.
     probs: [G, S, E] float32 router probabilities (each row sums to 1) — input of the aux loss
       and the entropy/confidence metrics.
-    selected: [G, S, E] float32, how many times each real token selected each expert *before*
-      capacity (0/1 entries; k ones per real token for token choice).
-    kept: [G, S, E] float32, the same after capacity (and random routing).
+    selected: [G, S, E] float32, 0/1: the experts each real token selected (k per token for
+      token choice), before random routing and capacity.
+    admitted: [G, S, E] float32, the selections that queue for a slot: after GShard random
+      routing of the second expert, before capacity.
+    kept: [G, S, E] float32, the selections that got a slot (after capacity).
     aux_loss: scalar load-balancing loss (0 for expert choice, balanced by construction).
     z_loss: scalar router z-loss.
   """
@@ -87,6 +89,7 @@ class RouterOutput:
   logits: Array
   probs: Array
   selected: Array
+  admitted: Array
   kept: Array
   aux_loss: Array
   z_loss: Array
@@ -104,8 +107,8 @@ def compute_capacity(group_size: int, num_experts: int, num_selected_experts: in
   An expert can receive at most one assignment per token, so slots beyond S are never used:
   clipping to S changes no result and saves memory.
   """
-  if capacity_factor <= 0:
-    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}.")
+  if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+    raise ValueError(f"capacity_factor must be finite and > 0, got {capacity_factor}.")
   capacity = math.ceil(capacity_factor * num_selected_experts * group_size / num_experts)
   return int(min(max(capacity, min_capacity), group_size))
 
@@ -139,6 +142,8 @@ def load_balancing_loss(probs: Array, selected: Array,
 
   f_e: fraction of the group's k·S assignments (before capacity) that chose e;
   P_e: mean router probability of e over the group's tokens. Equals 1 at perfect balance.
+  `probs` must sum to 1 over experts; with sigmoid scores (DeepSeek-V3) the router passes the
+  scores normalised per token, s_e / Σ_e' s_e', as DeepSeek-V3's sequence-wise balance loss does.
   Only real tokens count; groups without real tokens are left out of the average.
 
   Args:
@@ -305,7 +310,8 @@ class TokenChoiceRouter(nn.Module):
       scores = jax.nn.softmax(noisy_logits, axis=-1)
     else:
       scores = jax.nn.sigmoid(noisy_logits)
-    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    tiny = jnp.finfo(jnp.float32).tiny  # sigmoid scores can all underflow to 0
+    probs = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), tiny)
 
     selection_scores = scores
     bias = None
@@ -314,7 +320,7 @@ class TokenChoiceRouter(nn.Module):
       selection_scores = scores + jax.lax.stop_gradient(bias.value)
     _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, S, k]
     gates = jnp.take_along_axis(scores, expert_index, axis=-1)
-    gate_share = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    gate_share = gates / jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), tiny)
     if self.normalize_combine_weights:
       gates = gate_share
 
@@ -325,6 +331,7 @@ class TokenChoiceRouter(nn.Module):
       keep = u < jnp.minimum(1.0, 2.0 * gate_share)
       valid = valid & keep.at[..., 0].set(True)
 
+    admitted = jnp.sum(jax.nn.one_hot(expert_index, e) * valid[..., None], axis=2)
     priority = None
     if self.batch_prioritized:
       priority = jnp.argsort(-jnp.max(scores, axis=-1), axis=1, stable=True)
@@ -346,7 +353,8 @@ class TokenChoiceRouter(nn.Module):
         kept=kept)
     kept_per_expert = jnp.sum(jax.nn.one_hot(expert_index, e) * kept[..., None], axis=2)
     return RouterOutput(
-        routing=routing, logits=logits, probs=probs, selected=selected, kept=kept_per_expert,
+        routing=routing, logits=logits, probs=probs, selected=selected, admitted=admitted,
+        kept=kept_per_expert,
         aux_loss=load_balancing_loss(probs, selected, mask),
         z_loss=router_z_loss(logits, mask))
 
@@ -363,7 +371,10 @@ class ExpertChoiceRouter(nn.Module):
   tokens included: not causal. Padding tokens are never preferred over real ones; slots that
   still fall on padding (fewer real tokens than C) are marked invalid.
   `num_selected_experts` is the average number of experts per token (k), used for the capacity
-  C = cf · k · S / E.
+  C = cf · k · S / E, computed by `compute_capacity` like token choice's: rounded up, at least
+  `min_capacity` and at most S. With tiny groups min_capacity can exceed cf · k · S / E (e.g.
+  S=32, E=64, k=2: 1 slot by the formula, 4 with min_capacity=4): set min_capacity=0 (or 1)
+  for the exact ratio.
   """
   num_experts: int
   num_selected_experts: int = 2
@@ -381,6 +392,7 @@ class ExpertChoiceRouter(nn.Module):
       raise ValueError("ExpertChoiceRouter needs a capacity (expert choice has a fixed "
                        "capacity by construction; dispatch='dropless' does not apply).")
     mask = _token_mask(padding_mask, x.shape[:2])
+    capacity = min(capacity, x.shape[1])  # an expert can take each token at most once
     logits = RouterLogits(self.num_experts, self.kernel_init, name="logits")(x)
     probs = jax.nn.softmax(logits, axis=-1)
     # Real tokens have probs in (0, 1]; padding gets -1 so it is chosen last.
@@ -395,7 +407,8 @@ class ExpertChoiceRouter(nn.Module):
         combine_weights=jnp.where(valid, top_probs, 0.0),
         valid=valid)
     return RouterOutput(
-        routing=routing, logits=logits, probs=probs, selected=chosen, kept=chosen,
+        routing=routing, logits=logits, probs=probs, selected=chosen, admitted=chosen,
+        kept=chosen,
         aux_loss=jnp.zeros((), jnp.float32), z_loss=router_z_loss(logits, mask))
 
 

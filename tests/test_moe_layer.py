@@ -205,20 +205,29 @@ def test_group_size_and_pad_groups():
   np.testing.assert_allclose(y.reshape(-1, H), want.reshape(-1, H)[:24], rtol=2e-4, atol=2e-5)
 
 
-def test_expert_dropout_is_training_only():
+def test_expert_dropout_is_training_only_and_unbiased():
   x, mask = _inputs()
   layer = _layer(cf=2.0, expert_dropout_rate=0.5)
   variables = _init(layer, x, mask)
   y_eval, _ = layer.apply(variables, x, mask, True)
   want, _, _ = _reference(layer, variables, x, mask)
   np.testing.assert_allclose(y_eval, want, rtol=2e-4, atol=2e-5)
-  y_train, _ = layer.apply(variables, x, mask, False, rngs={"dropout": jax.random.PRNGKey(1)})
-  assert not np.allclose(y_train, y_eval)
+  train = jax.jit(lambda key: layer.apply(variables, x, mask, False, rngs={"dropout": key})[0])
+  draws = np.stack([np.asarray(train(jax.random.PRNGKey(i))) for i in range(400)])
+  assert not np.allclose(draws[0], y_eval)
+  # Inverted dropout on the hidden units: the mean over draws is the eval output.
+  err = np.abs(draws.mean(0) - np.asarray(y_eval))
+  assert np.max(err / (draws.std(0) / np.sqrt(len(draws)) + 1e-6)) < 5.0
+  # Hidden-unit dropout (not output dropout): a draw is not a per-token scaling of y_eval.
+  real = mask > 0
+  ratio = np.asarray(draws[0])[real] / np.asarray(y_eval)[real]
+  assert np.std(ratio, axis=-1).max() > 0.1
 
 
-def test_bfloat16_activations_keep_float32_router():
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "dropless"])
+def test_bfloat16_activations_keep_float32_router(dispatch):
   x, mask = _inputs()
-  layer = _layer(cf=2.0, dtype=jnp.bfloat16)
+  layer = _layer(cf=2.0, dtype=jnp.bfloat16, dispatch=dispatch)
   variables = _init(layer, jnp.asarray(x, jnp.bfloat16), mask)
   y, aux = layer.apply(variables, jnp.asarray(x, jnp.bfloat16), mask, True)
   assert y.dtype == jnp.bfloat16 and aux.z_loss.dtype == jnp.float32
@@ -248,8 +257,10 @@ BAD_SETTINGS = [
     (lambda: routing.TokenChoiceRouter(4, 2, score_function="tanh"), r"score_function must be one "
      r"of \('softmax', 'sigmoid'\)"),
     (lambda: routing.TokenChoiceRouter(4, 2, second_expert_policy="x"), r"second_expert_policy"),
-    (lambda: _layer(cf=0.0), r"train_capacity_factor must be > 0, got 0.0"),
-    (lambda: _layer(cf=1.0, eval_cf=-1.0), r"eval_capacity_factor must be > 0"),
+    (lambda: _layer(cf=0.0), r"train_capacity_factor must be finite and > 0, got 0.0"),
+    (lambda: _layer(cf=1.0, eval_cf=-1.0), r"eval_capacity_factor must be finite and > 0"),
+    (lambda: _layer(cf=float("nan")), r"train_capacity_factor must be finite and > 0, got nan"),
+    (lambda: _layer(expert_dropout_rate=1.0), r"expert_dropout_rate must be in \[0, 1\)"),
     (lambda: _layer(activation="tanh"),
      r"activation must be one of \('relu', 'gelu', 'swiglu', 'geglu'\), got 'tanh'"),
     (lambda: _layer(dispatch="scatter"),
@@ -284,3 +295,61 @@ def test_expert_implementations_agree_inside_the_layer(dispatch):
   np.testing.assert_allclose(out["loop"][0], out["reference"][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                out["loop"][1], out["reference"][1])
+
+
+def test_all_padding_batch_reports_zero_statistics():
+  x, _ = _inputs()
+  mask = np.zeros((B, L), np.float32)
+  for dispatch, router in (("gather", "token"), ("dropless", "token"), ("gather", "expert")):
+    layer = _layer(dispatch=dispatch, router=router)
+    y, aux = layer.apply(_init(layer, x, mask), x, mask, True)
+    assert np.all(np.asarray(y) == 0)
+    for key, value in aux.metrics.items():
+      if key != "capacity":
+        assert np.all(np.asarray(value) == 0), (dispatch, router, key, value)
+    assert float(aux.aux_loss) == 0 and float(aux.z_loss) == 0
+
+
+def test_k_equal_to_num_experts():
+  x, mask = _inputs(seed=8)
+  layer = _layer(k=E, cf=1.0, normalize_combine_weights=True)
+  variables = _init(layer, x, mask)
+  y, aux = layer.apply(variables, x, mask, True)
+  want, _, _ = _reference(layer, variables, x, mask)
+  np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+  assert float(aux.metrics["dropped_fraction"]) == 0.0  # C = S: every expert takes every token
+
+
+def test_training_mode_with_every_rng_stream_and_bias_over_groups():
+  """Jitter, noisy gating, random routing and the expert bias through the layer, G=3 groups."""
+  x, mask = _inputs(seed=9)
+  router = routing.TokenChoiceRouter(E, 2, jitter_noise=0.1, noisy_gating=True,
+                                     second_expert_policy="random", expert_bias_update_rate=0.01)
+  layer = moe_layer.MoeLayer(router, F, group_size=8, train_capacity_factor=0.8, min_capacity=1,
+                             expert_dropout_rate=0.1)
+  variables = layer.init({"params": jax.random.PRNGKey(0)}, x, mask, True)
+  rngs = {name: jax.random.PRNGKey(i) for i, name in
+          enumerate(["jitter", "gating_noise", "routing", "dropout"])}
+  (y, aux), state = layer.apply(variables, x, mask, False, rngs=rngs,
+                                mutable=[routing.EXPERT_BIAS_COLLECTION])
+  (y2, _), _ = layer.apply(variables, x, mask, False, rngs=rngs,
+                           mutable=[routing.EXPERT_BIAS_COLLECTION])
+  np.testing.assert_array_equal(y, y2)  # same RNG keys, same result
+  assert np.all(np.isfinite(np.asarray(y)))
+  y_eval, _ = layer.apply(variables, x, mask, True)
+  assert not np.allclose(y, y_eval)
+  # The bias moves by rate · sign(mean load − load), loads summed over all groups.
+  load = np.asarray(aux.metrics["expert_load_before"])
+  np.testing.assert_allclose(state[routing.EXPERT_BIAS_COLLECTION]["router"]["expert_bias"],
+                             0.01 * np.sign(load.mean() - load), atol=1e-7)
+  assert load.sum() == 2 * mask.sum()
+  assert 0 < float(aux.metrics["random_routing_skipped_fraction"]) < 0.5
+
+
+def test_bad_input_shapes_raise_clear_errors():
+  x, mask = _inputs()
+  layer = _layer()
+  with pytest.raises(ValueError, match=r"padding_mask must have shape \[batch, length\]"):
+    jax.eval_shape(lambda: _init(layer, x, mask[:, :-1]))
+  with pytest.raises(ValueError, match=r"expects x of shape \[batch, length, d_model\]"):
+    jax.eval_shape(lambda: _init(layer, x[0], mask))
