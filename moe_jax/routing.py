@@ -325,13 +325,18 @@ class TokenChoiceRouter(nn.Module):
       gates = gate_share
 
     valid = jnp.broadcast_to(valid_token[..., None], expert_index.shape)
-    selected = jnp.sum(jax.nn.one_hot(expert_index, e) * valid[..., None], axis=2)  # [G, S, E]
+    choice_one_hot = jax.nn.one_hot(expert_index, e)  # [G, S, k, E]
+
+    def per_expert(mask):  # [G, S, k] -> [G, S, E]
+      return jnp.sum(choice_one_hot * mask[..., None], axis=2)
+
+    selected = per_expert(valid)
     if self.second_expert_policy == "random" and not deterministic:
       u = jax.random.uniform(self.make_rng("routing"), gates.shape)
       keep = u < jnp.minimum(1.0, 2.0 * gate_share)
       valid = valid & keep.at[..., 0].set(True)
 
-    admitted = jnp.sum(jax.nn.one_hot(expert_index, e) * valid[..., None], axis=2)
+    admitted = per_expert(valid)
     priority = None
     if self.batch_prioritized:
       priority = jnp.argsort(-jnp.max(scores, axis=-1), axis=1, stable=True)
@@ -351,7 +356,7 @@ class TokenChoiceRouter(nn.Module):
         combine_weights=gates * kept,
         position=position.astype(jnp.int32),
         kept=kept)
-    kept_per_expert = jnp.sum(jax.nn.one_hot(expert_index, e) * kept[..., None], axis=2)
+    kept_per_expert = per_expert(kept)
     return RouterOutput(
         routing=routing, logits=logits, probs=probs, selected=selected, admitted=admitted,
         kept=kept_per_expert,
