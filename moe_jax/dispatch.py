@@ -58,6 +58,21 @@ def _token_choice_rows(routing: TokenChoiceRouting, counts_ge: Array, base: Arra
   return jnp.where(routing.kept, start + routing.position, num_rows).astype(jnp.int32)
 
 
+def _dispatch_token_choice(x: Array, routing: TokenChoiceRouting, counts_ge: Array,
+                           base: Array, num_rows: int) -> Tuple[Array, Tuple[Array, Array]]:
+  """Gathers tokens into an expert-major layout of `num_rows` rows starting at base[e].
+
+  Returns the rows [num_rows, H] and the combine state: each assignment's row [G, S, k] and
+  each row's token [num_rows] (G·S where the row is empty).
+  """
+  g, s, h = x.shape
+  rows = _token_choice_rows(routing, counts_ge, base, num_rows)
+  token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), rows.shape)
+  row_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
+      token.ravel(), mode="drop")
+  return _gather_rows(x.reshape(g * s, h), row_token), (rows, row_token)
+
+
 def _gather_rows(x_flat: Array, rows: Array) -> Array:
   # Out-of-bounds rows read as zero; the gradient is a scatter-add that drops them.
   return x_flat.at[rows].get(mode="fill", fill_value=0)
@@ -153,17 +168,14 @@ class GatherDispatcher:
   def dispatch(self, x: Array, routing: Routing, num_experts: int,
                capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
     g, s, h = x.shape
-    x_flat = x.reshape(g * s, h)
     if isinstance(routing, TokenChoiceRouting):
-      num_rows = num_experts * g * capacity
       counts_ge = _kept_per_group_expert(routing, num_experts)
       base = jnp.arange(num_experts, dtype=jnp.int32) * (g * capacity)
-      rows = _token_choice_rows(routing, counts_ge, base, num_rows)
-      token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), rows.shape)
-      slot_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
-          token.ravel(), mode="drop")
-      inputs = _gather_rows(x_flat, slot_token).reshape(num_experts, g * capacity, h)
-      return ExpertBatch(inputs, counts=jnp.sum(counts_ge, axis=0)), (rows, slot_token)
+      inputs, state = _dispatch_token_choice(x, routing, counts_ge, base,
+                                             num_experts * g * capacity)
+      inputs = inputs.reshape(num_experts, g * capacity, h)
+      return ExpertBatch(inputs, counts=jnp.sum(counts_ge, axis=0)), state
+    x_flat = x.reshape(g * s, h)
     cap = routing.token_index.shape[-1]
     slot_token = routing.token_index + (jnp.arange(g, dtype=jnp.int32) * s)[:, None, None]
     slot_token = jnp.where(routing.valid, slot_token, g * s)  # [G, E, C]
@@ -196,18 +208,11 @@ class DroplessDispatcher:
                capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
     if not isinstance(routing, TokenChoiceRouting):
       raise ValueError("dispatch='dropless' needs a token-choice router.")
-    g, s, h = x.shape
-    k = routing.expert_index.shape[-1]
-    num_rows = g * s * k
     counts_ge = _kept_per_group_expert(routing, num_experts)
     load = jnp.sum(counts_ge, axis=0)
     base = (jnp.cumsum(load) - load).astype(jnp.int32)
-    rows = _token_choice_rows(routing, counts_ge, base, num_rows)
-    token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), rows.shape)
-    row_token = jnp.full((num_rows,), g * s, jnp.int32).at[rows.ravel()].set(
-        token.ravel(), mode="drop")
-    inputs = _gather_rows(x.reshape(g * s, h), row_token)
-    return ExpertBatch(inputs, group_sizes=load.astype(jnp.int32)), (rows, row_token)
+    inputs, state = _dispatch_token_choice(x, routing, counts_ge, base, routing.kept.size)
+    return ExpertBatch(inputs, group_sizes=load.astype(jnp.int32)), state
 
   def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
     return _combine_token_choice(outputs, state, routing.combine_weights)
