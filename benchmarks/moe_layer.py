@@ -1,13 +1,13 @@
 """MoE layer speed against its dense equivalent: the four timings of a ratio side by side.
 
-For each config and dispatch, forward+backward (jit, warm-up, median of --repeats interleaved
-rounds, wall time on the CPU backend) of:
+For each config and dispatch, forward+backward (jit, warm-up, --repeats interleaved rounds,
+wall time on the CPU backend) of:
   layer    the MoE layer (routing + dispatch + experts + combine), training mode
   dense    a dense FFN doing the layer's ideal work: width k·F on the same tokens
   floor    "experts-only floor": a plain batched einsum expert FFN on an already-dispatched
            [E, C, H] buffer of the layer's own shapes (for dropless: [E, T·k/E, H])
   kernel   our expert kernel alone on the layer's own dispatched buffer (its counts / sizes)
-and prints
+and prints medians over rounds of the within-round ratios
   ratio    = layer / dense      (the headline: what the sparsity costs over ideal dense work)
   floor    = floor / dense      (what a plain batched expert computation costs)
   overhead = layer / floor      (issue's definition: routing+dispatch+combine vs plain experts)
@@ -38,22 +38,32 @@ from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter  # noqa: E402
 
 
 def timeit(named_calls, repeats=5):
-  """Median wall time of each (fn, args), measured in interleaved rounds.
+  """Wall times of each (fn, args), measured in interleaved rounds: {name: [seconds per round]}.
 
-  Every round runs each function once, so slow drifts of the machine (other processes,
-  memory state) hit all of them alike and the ratios stay honest. Each function is compiled
-  and warmed up twice first (the first runs in a process are up to 40% slow).
+  Every round runs each function once (in a rotated order), so ratios can be taken within a
+  round. Why: this 2-vCPU VM has phases of a few seconds in which both cores run ~33% slower
+  (a plain numpy matmul on each core shows it, in step on both cores, only while both are
+  busy). A phase hits the functions of one round alike, so per-round ratios cancel it, where
+  ratios of separate medians did not (about one run in three missed the targets). Each function
+  is compiled and warmed up twice first (the first runs in a process are up to 40% slow).
   """
   for fn, args in named_calls.values():
     for _ in range(2):
       jax.block_until_ready(fn(*args))
-  times = {name: [] for name in named_calls}
-  for _ in range(repeats):
-    for name, (fn, args) in named_calls.items():
+  names = list(named_calls)
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, args = named_calls[name]
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  return times
+
+
+def ratio(times, num, den):
+  """Median over rounds of the within-round ratio num/den."""
+  return float(np.median(np.asarray(times[num]) / np.asarray(times[den])))
 
 
 def square_loss(y):
@@ -135,12 +145,14 @@ def run_config(num_experts, k, router_kind, dispatch, args, x):
       "kernel": (grad_fn(ours, weight_args), (kernel_in, *weights)),
   }, repeats=args.repeats)
   name = f"E={num_experts:<3d} k={k} {router_kind:6s} {dispatch:8s}"
-  print(f"{name} ratio={t['layer'] / t['dense']:5.2f} floor={t['floor'] / t['dense']:5.2f} "
-        f"overhead={t['layer'] / t['floor']:5.2f} dispatch={t['layer'] / t['kernel']:5.2f} "
-        f"dropped={dropped:.3f}  (" + ", ".join(f"{n} {1e3 * v:.0f} ms" for n, v in t.items())
-        + ")", flush=True)
-  return dict(experts=num_experts, k=k, router=router_kind, dispatch=dispatch,
-              ratio=t["layer"] / t["dense"], overhead=t["layer"] / t["floor"])
+  res = dict(experts=num_experts, k=k, router=router_kind, dispatch=dispatch,
+             ratio=ratio(t, "layer", "dense"), floor=ratio(t, "floor", "dense"),
+             overhead=ratio(t, "layer", "floor"), dispatch_cost=ratio(t, "layer", "kernel"))
+  print(f"{name} ratio={res['ratio']:5.2f} floor={res['floor']:5.2f} "
+        f"overhead={res['overhead']:5.2f} dispatch={res['dispatch_cost']:5.2f} "
+        f"dropped={dropped:.3f}  (" + ", ".join(f"{n} {1e3 * np.median(v):.0f} ms"
+                                                 for n, v in t.items()) + ")", flush=True)
+  return res
 
 
 def run_isolated(config, args):
@@ -186,7 +198,7 @@ def main():
   parser.add_argument("--hidden", type=int, default=1024)
   parser.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
   parser.add_argument("--capacity_factor", type=float, default=1.25)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--quick", action="store_true",
                       help="only the configs named by the flags (default E=64, k=2, gather)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -209,7 +221,7 @@ def main():
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} cpus; tokens={x.shape[1]} (one group) H={args.model_dim} "
         f"F={args.hidden} act={args.activation} cf={args.capacity_factor}; fwd+bwd of 0.5·Σy², "
-        f"median of {args.repeats} interleaved rounds", flush=True)
+        f"medians of within-round ratios over {args.repeats} rounds", flush=True)
   if args.child or len(configs) == 1:
     results = [run_config(e, k, r, d, args, x) for e, k, r, d in configs]
   else:

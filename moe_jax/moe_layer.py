@@ -120,6 +120,11 @@ class MoeLayer(nn.Module):
       raise ValueError(f"group_size must be >= 1 or None, got {self.group_size}.")
     if self.expert_hidden_dim < 1:
       raise ValueError(f"expert_hidden_dim must be >= 1, got {self.expert_hidden_dim}.")
+    # Each layer owns a fresh unbound copy of its router. Flax binds a module passed as a
+    # field to the first parent that uses it: one router instance handed to several layers
+    # (a factory, a gin binding) would silently share its weights, and one built inside a
+    # parent's compact method would belong to that parent rather than to this layer.
+    object.__setattr__(self, "router", self.router.clone(parent=None, name=None))
     if self.dispatch == "dropless" and isinstance(self.router, ExpertChoiceRouter):
       raise ValueError("dispatch='dropless' needs a token-choice router; expert choice has a "
                        "fixed capacity by construction: use dispatch 'gather' or 'einsum'.")

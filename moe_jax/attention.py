@@ -1,0 +1,172 @@
+"""Multi-head / grouped-query self-attention with rotary positions, masks and a KV cache.
+
+    q = x Wq [B, L, N, D]     k, v = x Wk, x Wv [B, L, K, D]    (K kv heads; N % K == 0)
+    q, k ← RoPE(q, k, positions)
+    a = softmax(q kᵀ / √D + mask) v        query head n reads kv head n // (N / K)
+    y = a Wo [B, L, H]
+
+RoPE follows the "rotate half" convention of GPT-NeoX, Llama and Mixtral (the first and
+second halves of each head are the two coordinates of a rotated pair), with inverse
+frequencies θ^(−2i/D): Hugging Face checkpoints load without permuting Wq, Wk.
+
+Masks (`attention_mask`): causal; optionally bidirectional among the positions flagged by
+`prefix_mask` (prefix LM, UL2 inputs); optionally restricted to one packed segment.
+
+Decoding: with `decode=True` the keys and values go into a fixed-size cache (collection
+"cache": cached_key, cached_value [B, max_length, K, D], cache_index). A call with L new
+tokens writes them at cache_index and attends over the whole cache, so one code path
+serves the prefill (L = prompt length) and every step (L = 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.dense import dense_init
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
+  """RoPE on x [B, L, N, D] at integer positions [B, L] (rotate-half convention), in float32."""
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got {d}.")
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, D]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(query_index: Array, key_index: Array, *,
+                   query_segments: Optional[Array] = None, key_segments: Optional[Array] = None,
+                   query_prefix: Optional[Array] = None, key_prefix: Optional[Array] = None,
+                   key_valid: Optional[Array] = None) -> Array:
+  """Boolean [B, 1, Lq, Lk]: may query i attend to key j?
+
+  allowed = (j ≤ i  or  (prefix_i and prefix_j))  and  segment_i == segment_j  and  valid_j
+  Indices are positions in the (packed) row, not the per-segment positions used by RoPE.
+  """
+  allowed = key_index[:, None, :] <= query_index[:, :, None]
+  if query_prefix is not None:
+    allowed |= query_prefix[:, :, None].astype(bool) & key_prefix[:, None, :].astype(bool)
+  if query_segments is not None:
+    allowed &= query_segments[:, :, None] == key_segments[:, None, :]
+  if key_valid is not None:
+    allowed &= key_valid[:, None, :].astype(bool)
+  return allowed[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Self-attention with N query heads and K kv heads (K = N: multi-head; K < N: GQA).
+
+  Params (logical axes): query [H, N, D] (embed, heads, kv), key / value [H, K, D]
+  (embed, kv_heads, kv), out [N, D, H] (heads, kv, embed); optional biases (Qwen2).
+  """
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  rope_theta: float = 10000.0
+  qkv_bias: bool = False
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads < 1 or kv < 1 or self.num_heads % kv:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
+                       f"num_heads={self.num_heads}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, *, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
+               prefix_mask: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """x [B, L, H]; positions [B, L] (RoPE; default 0..L-1); segment_ids, prefix_mask [B, L]."""
+    batch, length, h = x.shape
+    n, k = self.num_heads, self.num_kv_heads or self.num_heads
+    d = self.head_dim or h // n
+    x = x.astype(self.dtype)
+
+    def project(name, heads, axes):
+      kernel = self.param(name, nn.with_logical_partitioning(dense_init(), axes),
+                          (h, heads, d), jnp.float32)
+      y = jnp.einsum("blh,hnd->blnd", x, kernel.astype(self.dtype))
+      if self.qkv_bias:
+        bias = self.param(name + "_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, axes[1:]), (heads, d), jnp.float32)
+        y = y + bias.astype(self.dtype)
+      return y
+
+    q = project("query", n, ("embed", "heads", "kv"))
+    key = project("key", k, ("embed", "kv_heads", "kv"))
+    value = project("value", k, ("embed", "kv_heads", "kv"))
+
+    query_index = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if positions is None:
+      positions = query_index
+    key_index, key_valid, key_segments, key_prefix = query_index, None, segment_ids, prefix_mask
+    if decode:
+      key, value, key_index, key_valid, key_prefix, offset = self._update_cache(
+          key, value, prefix_mask)
+      query_index = query_index + offset
+      positions = query_index  # decoding: one unpacked sequence per row
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packing) are not supported with decode=True.")
+    q = rotary_embedding(q, positions, self.rope_theta)
+    if not decode:
+      key = rotary_embedding(key, positions, self.rope_theta)
+    mask = attention_mask(query_index, key_index, query_segments=segment_ids,
+                          key_segments=key_segments, query_prefix=prefix_mask,
+                          key_prefix=key_prefix, key_valid=key_valid)
+
+    # Grouped heads: q [B, L, K, N/K, D] so that query head n reads kv head n // (N/K).
+    q = q.reshape(batch, length, k, n // k, d)
+    logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * d**-0.5
+    logits = jnp.where(mask[:, :, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
+    w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
+                       (n, d, h), jnp.float32)
+    return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+
+  def _update_cache(self, key: Array, value: Array, prefix_mask: Optional[Array]):
+    """Writes the new keys (rotated) and values at cache_index; returns the full cache."""
+    batch, length, k, d = key.shape
+    initialized = self.has_variable("cache", "cached_key")
+    # At init the call's own length sets the cache size (flax's convention: init with
+    # [B, max_length] dummy tokens); nothing is written then.
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cached_prefix = self.variable("cache", "cached_prefix", jnp.zeros, key.shape[:2], jnp.bool_)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    max_length = cached_key.value.shape[1]
+    offset = index.value if initialized else jnp.zeros((), jnp.int32)
+    positions = offset + jnp.broadcast_to(jnp.arange(length), (batch, length))
+    key = rotary_embedding(key, positions, self.rope_theta)
+    if initialized:
+      if length > max_length:
+        raise ValueError(f"{length} tokens do not fit the decoding cache of {max_length}.")
+      start = (0, offset, 0, 0)
+      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+      flags = (jnp.zeros((batch, length), jnp.bool_) if prefix_mask is None
+               else prefix_mask.astype(jnp.bool_))
+      cached_prefix.value = jax.lax.dynamic_update_slice(cached_prefix.value, flags, (0, offset))
+      index.value = offset + length
+      key, value = cached_key.value, cached_value.value
+      key_prefix = cached_prefix.value
+    else:
+      key_prefix = (jnp.zeros((batch, length), jnp.bool_) if prefix_mask is None
+                    else prefix_mask.astype(jnp.bool_))
+    key_index = jnp.broadcast_to(jnp.arange(key.shape[1]), (batch, key.shape[1]))
+    key_valid = key_index < offset + length
+    return key, value, key_index, key_valid, key_prefix, offset

@@ -1,0 +1,86 @@
+"""The dense pieces around the MoE layer: RMSNorm, token embedding, the dense FFN.
+
+Every parameter carries Flax logical axis names (embed, vocab, mlp) so that the
+partitioning rules of a preset place it on the mesh.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.experts import ACTIVATIONS, check_activation
+
+Array = jax.Array
+
+
+def dense_init():
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x²) + ε) · scale, computed in float32 (as T5, Llama and Mixtral)."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding [V, H]; `attend` gives tied output logits x Eᵀ."""
+  vocab_size: int
+  features: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.einsum("blh,vh->blv", x, self.embedding.astype(self.dtype))
+
+
+class MlpBlock(nn.Module):
+  """Dense FFN: act(x wi) wo, or (act(x wi_gate) ⊙ x wi) wo for swiglu / geglu.
+
+  Weights wi, wi_gate [H, F] and wo [F, H]; the same names and gating convention as the
+  experts, so a dense FFN of width k·F is the MoE layer's ideal-work equivalent.
+  """
+  hidden_dim: int
+  activation: str = "swiglu"
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_activation(self.activation)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    act, gated = ACTIVATIONS[self.activation]
+    h = x.shape[-1]
+
+    def weight(name, shape, axes):
+      init = nn.with_logical_partitioning(dense_init(), axes)
+      return self.param(name, init, shape, jnp.float32).astype(self.dtype)
+
+    x = x.astype(self.dtype)
+    w_in = weight("wi", (h, self.hidden_dim), ("embed", "mlp"))
+    if gated:
+      hidden = act(x @ weight("wi_gate", (h, self.hidden_dim), ("embed", "mlp"))) * (x @ w_in)
+    else:
+      hidden = act(x @ w_in)
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    return hidden @ weight("wo", (self.hidden_dim, h), ("mlp", "embed"))

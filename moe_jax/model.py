@@ -1,0 +1,359 @@
+"""The decoder-only transformer around the MoE layer: placement, scan, and the loss.
+
+    tokens [B, L] -> Embed -> N × DecoderBlock -> RMSNorm -> logits [B, L, V]
+
+    DecoderBlock (pre-norm residual sublayers):
+      x += Attention(norm(x))
+      x += FFN(norm(x))          FFN = dense MlpBlock, or on MoE layers:
+                                 MoE(h)                        plain
+                                 MoE(h) + MlpBlock(h)          moe_dense_ffn="parallel" (OpenMoE)
+                                 MoE(h) + σ(h w)·Shared(h)     shared experts (DeepSeek, Qwen2)
+      x += MlpBlock(norm(x))     moe_dense_ffn="sequential" (ST-MoE's extra dense FFN)
+
+MoE placement: layer i is sparse iff i % moe_every == moe_offset, or i in moe_layer_indices.
+With scan_layers the stack is one compiled unit of `moe_every` blocks ([dense…, moe]) under
+`nn.scan`, parameters stacked on a leading "layers" axis; MoE losses and metrics come out of
+the scan stacked, in layer order, exactly as from the unrolled stack.
+
+Loss (`DecoderOnlyLM.loss`, SPEC §3): token cross-entropy on targets (padding and inputs
+masked by `decoder_loss_weights`) + logits_z_loss · mean log²Z + aux_loss_weight · mean aux
++ router_z_loss_weight · mean router z-loss, means over MoE layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.attention import Attention
+from moe_jax.dense import Embed, MlpBlock, RMSNorm, dense_init
+from moe_jax.moe_layer import MoeAux
+
+Array = jax.Array
+MOE_DENSE_FFN = ("none", "parallel", "sequential")
+# RNG streams split per layer under scan (a layer's noise must differ from its neighbour's).
+RNG_STREAMS = ("params", "dropout", "jitter", "gating_noise", "routing")
+
+
+def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = None,
+                  moe_layer_indices: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+  """Indices of the sparse layers (see the module docstring), validated."""
+  if moe_layer_indices is not None:
+    ids = tuple(sorted(set(int(i) for i in moe_layer_indices)))
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"moe_layer_indices {bad} are outside [0, num_layers={num_layers}).")
+    return ids
+  if moe_every < 1:
+    raise ValueError(f"moe_every must be >= 1 (a MoE layer every N layers), got {moe_every}.")
+  offset = moe_every - 1 if moe_offset is None else moe_offset
+  if not 0 <= offset < moe_every:
+    raise ValueError(f"moe_offset must be in [0, moe_every={moe_every}), got {moe_offset}.")
+  return tuple(i for i in range(num_layers) if i % moe_every == offset)
+
+
+class DecoderBlock(nn.Module):
+  """One pre-norm transformer layer; `moe` set makes it sparse (module docstring)."""
+  attention: Callable[..., nn.Module]
+  mlp: Callable[..., nn.Module]
+  moe: Optional[Callable[..., nn.Module]] = None
+  moe_dense_ffn: str = "none"
+  shared_experts: Optional[Callable[..., nn.Module]] = None
+  shared_expert_gate: bool = False
+  norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, positions, segment_ids, prefix_mask, padding_mask,
+               deterministic: bool, decode: bool) -> Tuple[Array, Optional[MoeAux]]:
+    norm = functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
+    drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    h = norm(name="pre_attention_norm")(x)
+    x = x + drop(self.attention(name="attention")(
+        h, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
+        deterministic=deterministic, decode=decode))
+    h = norm(name="pre_mlp_norm")(x)
+    aux = None
+    if self.moe is None:
+      y = self.mlp(name="mlp")(h, deterministic)
+    else:
+      y, aux = self.moe(name="moe")(h, padding_mask, deterministic)
+      if self.moe_dense_ffn == "parallel":
+        y = y + self.mlp(name="mlp")(h, deterministic)
+      if self.shared_experts is not None:
+        shared = self.shared_experts(name="shared_experts")(h, deterministic)
+        if self.shared_expert_gate:
+          gate = self.param("shared_expert_gate", nn.with_logical_partitioning(
+              dense_init(), ("embed", None)), (h.shape[-1], 1), jnp.float32)
+          shared = shared * jax.nn.sigmoid(h @ gate.astype(self.dtype))
+        y = y + shared
+    x = x + drop(y)
+    if self.moe is not None and self.moe_dense_ffn == "sequential":
+      h = norm(name="pre_extra_mlp_norm")(x)
+      x = x + drop(self.mlp(name="extra_mlp")(h, deterministic))
+    return x, aux
+
+
+class DecoderUnit(nn.Module):
+  """`period` consecutive blocks, the body of the scanned stack; block j sparse iff in moe_ids."""
+  block: Callable[..., nn.Module]
+  period: int
+  moe_ids: Tuple[int, ...]
+  deterministic: bool
+  decode: bool
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, prefix_mask, padding_mask):
+    auxes = []
+    for j in range(self.period):
+      x, aux = self.block(j in self.moe_ids)(name=f"block_{j}")(
+          x, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
+          padding_mask=padding_mask, deterministic=self.deterministic, decode=self.decode)
+      if aux is not None:
+        auxes.append(aux)
+    return x, tuple(auxes)
+
+
+class Decoder(nn.Module):
+  """Decoder-only (MoE) transformer language model.
+
+  Attributes (H = d_model):
+    vocab_size, num_layers, d_model, num_heads; num_kv_heads (None: = num_heads; fewer: GQA);
+    head_dim (None: H / num_heads); mlp_dim: dense FFN width; activation: relu|gelu|swiglu|geglu.
+    dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta; qkv_bias.
+    tie_embeddings: output logits x Eᵀ / √H (T5's scaling) instead of a separate lm_head.
+    dtype: activations (float32 or bfloat16); params are float32, the router float32.
+    moe_layer: factory of the MoE layer (e.g. gin's @MoeLayer) or None for a dense model.
+    moe_every / moe_offset / moe_layer_indices: placement (module docstring).
+    moe_dense_ffn: "none", "parallel" (residual MoE: + dense FFN of moe_dense_dim on the same
+      input) or "sequential" (an extra dense FFN sublayer after the MoE one, ST-MoE).
+    shared_expert_dim: width of the always-on shared-expert FFN (0: none); shared_expert_gate:
+      scale it by σ(h w) (Qwen2-MoE).
+    scan_layers: stack the layers with nn.scan (one compiled unit of moe_every blocks).
+  """
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  activation: str = "swiglu"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  norm_epsilon: float = 1e-6
+  rope_theta: float = 10000.0
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  dtype: Any = jnp.float32
+  moe_layer: Optional[Callable[..., nn.Module]] = None
+  moe_every: int = 1
+  moe_offset: Optional[int] = None
+  moe_layer_indices: Optional[Sequence[int]] = None
+  moe_dense_ffn: str = "none"
+  moe_dense_dim: Optional[int] = None
+  shared_expert_dim: int = 0
+  shared_expert_gate: bool = False
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
+                       "(or set head_dim explicitly).")
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads="
+                       f"{self.num_heads}.")
+    if self.moe_dense_ffn not in MOE_DENSE_FFN:
+      raise ValueError(f"moe_dense_ffn must be one of {MOE_DENSE_FFN}, got "
+                       f"{self.moe_dense_ffn!r}.")
+    if self.moe_layer_indices is not None:  # gin gives lists; modules must stay hashable
+      object.__setattr__(self, "moe_layer_indices", tuple(self.moe_layer_indices))
+    if self.moe_layer is not None:
+      ids = moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
+                          self.moe_layer_indices)
+      if self.scan_layers and (self.moe_layer_indices is not None
+                               or self.num_layers % self.moe_every):
+        raise ValueError(
+            "scan_layers needs a periodic placement: moe_every dividing num_layers "
+            f"(got num_layers={self.num_layers}, moe_every={self.moe_every}) and no "
+            f"moe_layer_indices (got {self.moe_layer_indices}); or set scan_layers=False.")
+      del ids
+    super().__post_init__()
+
+  @property
+  def moe_ids(self) -> Tuple[int, ...]:
+    if self.moe_layer is None:
+      return ()
+    return moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
+                         self.moe_layer_indices)
+
+  def _block(self, sparse: bool) -> Callable[..., nn.Module]:
+    attention = functools.partial(
+        Attention, self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta,
+        self.qkv_bias, self.attention_dropout_rate, self.dtype)
+    mlp_dim = self.mlp_dim
+    if sparse and self.moe_dense_ffn != "none":
+      mlp_dim = self.moe_dense_dim or self.mlp_dim
+    mlp = functools.partial(MlpBlock, mlp_dim, self.activation, self.dropout_rate, self.dtype)
+    shared = None
+    if sparse and self.shared_expert_dim:
+      shared = functools.partial(MlpBlock, self.shared_expert_dim, self.activation,
+                                 self.dropout_rate, self.dtype)
+    moe = functools.partial(self.moe_layer, dtype=self.dtype) if sparse else None
+    return functools.partial(
+        DecoderBlock, attention, mlp, moe, self.moe_dense_ffn, shared, self.shared_expert_gate,
+        self.norm_epsilon, self.dropout_rate, self.dtype)
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
+               segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+               padding_mask: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Tuple[Array, Dict[str, Array]]:
+    """tokens [B, L] -> (logits [B, L, V] float32, MoE stats: name -> [num_moe_layers, ...]).
+
+    positions: RoPE positions (default 0..L-1; per segment when packed); segment_ids: packed
+    example ids (0 = padding); prefix_mask: 1 on positions attended bidirectionally (prefix
+    LM); padding_mask: 1 on real tokens, for the MoE layers (default: segment_ids > 0).
+    """
+    if padding_mask is None and segment_ids is not None:
+      padding_mask = segment_ids > 0
+    embed = Embed(self.vocab_size, self.d_model, self.dtype, name="token_embed")
+    x = nn.Dropout(self.dropout_rate)(embed(tokens), deterministic=deterministic)
+    inputs = (positions, segment_ids, prefix_mask, padding_mask)
+    moe_ids = self.moe_ids
+    if self.scan_layers:
+      period = self.moe_every if self.moe_layer is not None else 1
+      unit_moe = tuple(sorted({i % period for i in moe_ids}))
+      stack = nn.scan(
+          DecoderUnit,
+          variable_axes={"params": 0, "cache": 0, "moe_balance": 0},
+          split_rngs={name: True for name in RNG_STREAMS},
+          in_axes=(nn.broadcast,) * 4,
+          length=self.num_layers // period,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, auxes = stack(self._block, period, unit_moe, deterministic, decode,
+                       name="layers")(x, *inputs)
+      # auxes: per MoE block of the unit, leaves [U, ...] -> layer order (unit-major).
+      auxes = [jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]), *auxes)
+               ] if auxes else []
+      stats = _stack_aux(auxes, stacked=True)
+    else:
+      auxes = []
+      for i in range(self.num_layers):
+        x, aux = self._block(i in moe_ids)(name=f"layers_{i}")(
+            x, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
+            padding_mask=padding_mask, deterministic=deterministic, decode=decode)
+        if aux is not None:
+          auxes.append(aux)
+      stats = _stack_aux(auxes, stacked=False)
+    x = RMSNorm(self.norm_epsilon, self.dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x) * self.d_model**-0.5
+    else:
+      head = self.param("lm_head", nn.with_logical_partitioning(dense_init(), ("embed", "vocab")),
+                        (self.d_model, self.vocab_size), jnp.float32)
+      logits = x @ head.astype(self.dtype)
+    return logits.astype(jnp.float32), stats
+
+
+def _stack_aux(auxes, stacked: bool) -> Dict[str, Array]:
+  """MoeAux list (or one already-stacked MoeAux) -> {name: [num_moe_layers, ...]}."""
+  if not auxes:
+    return {}
+  flat = [{"aux_loss": a.aux_loss, "z_loss": a.z_loss, **a.metrics} for a in auxes]
+  if stacked:
+    return flat[0]
+  return jax.tree.map(lambda *v: jnp.stack(v), *flat)
+
+
+# ----------------------------------------------------------------------------------------
+# Loss.
+# ----------------------------------------------------------------------------------------
+
+def cross_entropy(logits: Array, targets: Array, weights: Array
+                  ) -> Tuple[Array, Array, Array]:
+  """Per-token −log p(target) and log Z (both [B, L], float32), and Σ weights.
+
+  weights (decoder_loss_weights) are 0 on padding and, for prefix LM, on the inputs.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return (log_z - target_logit), log_z, jnp.sum(weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOnlyLM:
+  """A `Decoder` and its training objective (t5x's DecoderOnlyModel, in small).
+
+  Batches use t5x's decoder-only feature names: decoder_input_tokens, decoder_target_tokens,
+  decoder_loss_weights, and optionally decoder_positions, decoder_segment_ids and
+  decoder_causal_attention (the prefix-LM mask).
+  """
+  module: Decoder
+  aux_loss_weight: float = 0.01
+  router_z_loss_weight: float = 1e-3
+  logits_z_loss: float = 0.0
+
+  def apply(self, variables, batch: Mapping[str, Array], *, deterministic: bool,
+            rngs=None, mutable=False, decode: bool = False):
+    return self.module.apply(
+        variables, batch["decoder_input_tokens"],
+        positions=batch.get("decoder_positions"), segment_ids=batch.get("decoder_segment_ids"),
+        prefix_mask=batch.get("decoder_causal_attention"),
+        padding_mask=_padding_mask(batch), deterministic=deterministic, decode=decode,
+        rngs=rngs, mutable=mutable)
+
+  def loss(self, variables, batch: Mapping[str, Array], *, deterministic: bool = False,
+           rngs=None, mutable=False):
+    """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
+    out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
+    (logits, stats), updates = out if mutable else (out, None)
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    nll, log_z, num_tokens = cross_entropy(logits, batch["decoder_target_tokens"], weights)
+    denom = jnp.maximum(num_tokens, 1.0)
+    ce = jnp.sum(nll * weights) / denom
+    z = jnp.sum(jnp.square(log_z) * weights) / denom
+    total = ce + self.logits_z_loss * z
+    metrics = {"loss/cross_entropy": ce, "loss/logits_z_loss": z, "num_tokens": num_tokens,
+               "accuracy": jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"])
+                                   * weights) / denom}
+    if stats:
+      aux, rz = jnp.mean(stats["aux_loss"]), jnp.mean(stats["z_loss"])
+      total = total + self.aux_loss_weight * aux + self.router_z_loss_weight * rz
+      metrics.update({"loss/aux_loss": aux, "loss/router_z_loss": rz})
+      metrics.update(moe_metrics(stats, self.module.moe_ids))
+    metrics["loss/total"] = total
+    return ((total, metrics), updates) if mutable else (total, metrics)
+
+
+def _padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:
+  """Real tokens for the MoE layers: targets > 0 (t5x pads with 0), or packed segments."""
+  if "decoder_segment_ids" in batch:
+    return batch["decoder_segment_ids"] > 0
+  if "decoder_target_tokens" in batch:
+    return batch["decoder_target_tokens"] > 0
+  return None
+
+
+def moe_metrics(stats: Dict[str, Array], layer_ids: Sequence[int]) -> Dict[str, Array]:
+  """Per-layer scalars ("moe/layer_3/dropped_fraction") and their means ("moe/dropped_fraction");
+  per-expert vectors stay vectors ("moe/layer_3/expert_load_after": [E])."""
+  out = {}
+  for name, value in stats.items():
+    for j, layer in enumerate(layer_ids):
+      out[f"moe/layer_{layer}/{name}"] = value[j]
+    if value.ndim == 1:
+      out[f"moe/{name}"] = jnp.mean(value.astype(jnp.float32))
+  return out
