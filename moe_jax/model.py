@@ -316,7 +316,8 @@ class DecoderOnlyLM:
            rngs=None, mutable=False):
     """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
     out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
-    (logits, stats), updates = out if mutable else (out, None)
+    returns_state = mutable is not False  # flax: any collection list, even [], returns state
+    (logits, stats), updates = out if returns_state else (out, None)
     weights = batch.get("decoder_loss_weights")
     if weights is None:
       weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
@@ -335,7 +336,7 @@ class DecoderOnlyLM:
       metrics.update({"loss/aux_loss": aux, "loss/router_z_loss": rz})
       metrics.update(moe_metrics(stats, self.module.moe_ids))
     metrics["loss/total"] = total
-    return ((total, metrics), updates) if mutable else (total, metrics)
+    return ((total, metrics), updates) if returns_state else (total, metrics)
 
 
 def _padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:

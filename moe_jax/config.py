@@ -1,0 +1,59 @@
+"""Gin plumbing in t5x's style: `--gin_file=...` and `--gin.NAME=value` flags, and the model.
+
+Gin files include each other by paths relative to the repository root
+(`include 'gin_configs/models/decoder_only.gin'`), so the root is on gin's search path, as is
+the current directory. The model is whatever the files bind to the macro `MODEL`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def split_gin_args(argv: Sequence[str]) -> Tuple[list, list, list]:
+  """(gin files, gin bindings, the other arguments) from t5x-style flags."""
+  files, bindings, rest = [], [], []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    for flag, target in (("--gin_file", files), ("--gin_search_paths", None)):
+      if arg == flag and args:
+        arg = f"{flag}={args.pop(0)}"
+      if arg.startswith(flag + "="):
+        value = arg[len(flag) + 1:]
+        if target is None:
+          for path in value.split(","):
+            gin.add_config_file_search_path(path)
+        else:
+          target.append(value)
+        break
+    else:
+      if arg.startswith("--gin."):
+        name, _, value = arg[len("--gin."):].partition("=")
+        bindings.append(f"{name} = {value}")
+      else:
+        rest.append(arg)
+  return files, bindings, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+  """Clears gin and parses the files, then the bindings (which win)."""
+  gin.clear_config()
+  for path in (os.getcwd(), REPO_ROOT):
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+@gin.configurable(module="moe_jax.config")
+def _configured_model(model=gin.REQUIRED):
+  return model
+
+
+def load_model(files: Sequence[str], bindings: Sequence[str] = ()):
+  """Parses gin and builds the model the files bind to `MODEL` (a `DecoderOnlyLM`)."""
+  parse_gin(files, list(bindings) + ["moe_jax.config._configured_model.model = %MODEL"])
+  return _configured_model()

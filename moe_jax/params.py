@@ -1,0 +1,90 @@
+"""Parameter counts and FLOPs per token of a model, from shapes alone (`jax.eval_shape`).
+
+    python -m moe_jax.params --gin_file=gin_configs/models/mixtral_8x7b.gin [--seq_len 4096]
+
+total:   every parameter.
+active:  the parameters one token uses: all of them except the experts it is not routed to
+         (expert weights count k / E of theirs; the router, shared experts and dense parts
+         count fully). Embeddings are included, as in the published Mixtral / GLaM figures.
+flops_per_token (forward): 2 · (active matmul parameters, the output projection included,
+         the input embedding lookup not) + 4 · layers · heads · head_dim · seq_len for the
+         attention scores and values (PaLM's convention, no causal discount). Training ≈ 3×.
+Expert choice routes k · S tokens per group on average, so k / E holds for it too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Dict
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamReport:
+  total: int
+  active: int
+  embedding: int          # input embedding (and the lm_head when untied)
+  expert: int             # all expert weights
+  flops_per_token: float  # forward, at seq_len
+  seq_len: int
+
+  def summary(self) -> str:
+    b = lambda n: f"{n / 1e9:,.2f}B"
+    return (f"total={b(self.total)} active={b(self.active)} "
+            f"active_non_embedding={b(self.active - self.embedding)} experts={b(self.expert)} "
+            f"embedding={b(self.embedding)} forward_flops_per_token={self.flops_per_token:.3e} "
+            f"(seq_len={self.seq_len}; training ≈ 3×)")
+
+
+def param_shapes(module: nn.Module, seq_len: int) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Flat {path: ShapeDtypeStruct} of the params, without allocating them."""
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  variables = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+  return flax.traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
+
+
+def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
+  """Counts for a `Decoder` (module docstring for the definitions)."""
+  shapes = param_shapes(module, seq_len)
+  size = {path: math.prod(s.shape) for path, s in shapes.items()}
+  total = sum(size.values())
+  k = module.moe_layer().router.num_selected_experts if module.moe_layer is not None else 0
+  expert = inactive = 0
+  for path, n in size.items():
+    if "/moe/experts/" in path:
+      num_experts = shapes[path].shape[-3]
+      expert += n
+      inactive += n * (1 - k / num_experts)
+  active = total - round(inactive)
+  embedding = size["token_embed/embedding"] + size.get("lm_head", 0)
+  # Matmul params a token multiplies with: all active ones except the embedding lookup, plus
+  # the tied output projection (the embedding again) when there is no lm_head.
+  matmul = active - size["token_embed/embedding"]
+  if module.tie_embeddings:
+    matmul += size["token_embed/embedding"]
+  head_dim = module.head_dim or module.d_model // module.num_heads
+  attention = 4 * module.num_layers * module.num_heads * head_dim * seq_len
+  return ParamReport(total=total, active=active, embedding=embedding, expert=expert,
+                     flops_per_token=2.0 * matmul + attention, seq_len=seq_len)
+
+
+def main(argv=None):
+  from moe_jax import config  # gin is only needed by the command line
+  files, bindings, rest = config.split_gin_args(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq_len", type=int, default=2048)
+  args = parser.parse_args(rest)
+  if not files:
+    parser.error("give at least one --gin_file")
+  model = config.load_model(files, bindings)
+  print(count(model.module, args.seq_len).summary())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,112 @@
+"""Every gin preset: full sizes through eval_shape (published parameter counts), tiny sizes
+through a real forward and backward pass, and clear errors for bad presets."""
+import functools
+import glob
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import config, params
+
+MODELS = os.path.join(config.REPO_ROOT, "gin_configs", "models")
+PRESETS = ["switch_base", "gshard", "glam", "st_moe", "expert_choice", "mixtral_8x7b",
+           "openmoe_base_16e", "openmoe_8b_32e", "openmoe_34b_32e", "deepseek_moe", "dense"]
+
+
+def load(name, *bindings):
+  return config.load_model([f"gin_configs/models/{name}.gin"], bindings)
+
+
+def test_every_preset_file_is_listed_and_has_a_tiny_variant():
+  files = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(MODELS, "*.gin"))}
+  assert files == set(PRESETS) | {p + "_tiny" for p in PRESETS} | {"decoder_only", "tiny"}
+
+
+@pytest.mark.parametrize("name,total,active,rtol_total,rtol_active,non_embedding", [
+    # Mixtral 8x7B: 46.7B total / 12.9B active (Jiang et al. 2024), within 1%.
+    ("mixtral_8x7b", 46.7e9, 12.9e9, 0.01, 0.01, False),
+    # GLaM 64B/64E: "1.2T" total (1.162T, rounded in the paper) / 96.6B active.
+    ("glam", 1.2e12, 96.6e9, 0.04, 0.01, False),
+    # OpenMoE-8B/32E ≈ 8B / ≈ 2B and 34B/32E ≈ 34B / ≈ 6B (rounded names; the active figures
+    # leave out the 256k-entry embedding). Ours: 8.78B / 2.21B and 34.6B / 6.64B.
+    ("openmoe_8b_32e", 8e9, 2e9, 0.12, 0.12, True),
+    ("openmoe_34b_32e", 34e9, 6e9, 0.03, 0.12, True),
+    # DeepSeekMoE 16B: 16.4B / 2.8B (Dai et al. 2024).
+    ("deepseek_moe", 16.4e9, 2.8e9, 0.01, 0.02, False),
+])
+def test_published_parameter_counts(name, total, active, rtol_total, rtol_active,
+                                    non_embedding):
+  report = params.count(load(name).module)
+  got_active = report.active - report.embedding if non_embedding else report.active
+  assert report.total == pytest.approx(total, rel=rtol_total), report.summary()
+  assert got_active == pytest.approx(active, rel=rtol_active), report.summary()
+
+
+def test_counts_against_a_hand_count():
+  """Tiny Mixtral by hand: every matrix listed once, experts at k / E."""
+  module = load("mixtral_8x7b_tiny").module
+  v, h, n, kv, d, f, e, layers = 512, 64, 4, 2, 16, 128, 8, 4
+  attention = h * n * d * 2 + h * kv * d * 2
+  experts = e * 3 * h * f
+  per_layer = attention + experts + h * e + 2 * h  # + router + two norms
+  total = layers * per_layer + 2 * v * h + h
+  active = total - layers * experts * (1 - 2 / e)
+  report = params.count(module, seq_len=16)
+  assert (report.total, report.active) == (total, active)
+  assert report.flops_per_token == 2 * (active - v * h) + 4 * layers * n * d * 16
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_full_preset_shapes(name):
+  module = load(name).module
+  shapes = params.param_shapes(module, seq_len=2048)
+  sparse = sorted({int(p.split("/")[0].split("_")[1]) for p in shapes if "/moe/" in p})
+  assert tuple(sparse) == module.moe_ids
+  if module.moe_layer is not None:
+    e = module.moe_layer().num_experts
+    wi = shapes[f"layers_{sparse[0]}/moe/experts/wi"].shape
+    assert wi[0] == e and wi[1] == module.d_model
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tiny_preset_trains(name):
+  # The batched reference expert kernels compile fastest; the CPU loop kernels that a
+  # preset gets by default are checked against them in test_expert_kernels.py.
+  lm = load(name + "_tiny", "moe_layer.MoeLayer.expert_implementation = 'reference'")
+  toks = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 1, lm.module.vocab_size)
+  batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, axis=1))
+  variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), toks)
+  params_, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  rngs = {s: jax.random.PRNGKey(i) for i, s in enumerate(["dropout", "jitter", "gating_noise",
+                                                           "routing"])}
+
+  def loss_fn(p):
+    (loss, metrics), _ = lm.loss({"params": p, **state}, batch, rngs=rngs,
+                                 deterministic=False, mutable=list(state))
+    return loss, metrics
+
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params_)
+  assert np.isfinite(float(loss))
+  assert float(loss) == pytest.approx(np.log(lm.module.vocab_size), rel=0.3)
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(nn.meta.unbox(grads))]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= 0.9 * len(norms)
+  if lm.module.moe_layer is not None:
+    assert "moe/dropped_fraction" in metrics and "loss/aux_loss" in metrics
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("MOE_EVERY = 0", "moe_every must be >= 1"),
+    ("NUM_HEADS = 5\nHEAD_DIM = None", "num_heads=5 must divide d_model=64"),
+    ("NUM_KV_HEADS = 3", "num_kv_heads=3 must divide num_heads=4"),
+    ("TOP_K = 9", "num_selected_experts"),
+    ("DISPATCH = 'scatter'", "dispatch"),
+    ("ACTIVATION = 'swish'", "activation must be one of"),
+])
+def test_bad_presets_raise_clear_errors(binding, match):
+  with pytest.raises(ValueError, match=match):
+    lm = load("glam_tiny", *binding.split("\n"))
+    params.param_shapes(lm.module, 8)
