@@ -11,8 +11,14 @@ CORE = [
     "gin-config>=0.5.0",
     "numpy>=2.0",
 ]
+# Hugging Face checkpoints (moe_jax/interop): reading/writing safetensors needs only
+# safetensors; transformers and (CPU) torch are for the tests that compare against them.
+# torch is pinned exactly: 2.13.0 is the CPU wheel these machines carry, where a range would
+# pull the newest CUDA build (several GB).
+INTEROP = ["safetensors>=0.8", "transformers>=5.24", "torch==2.13.0"]
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP,
+    "interop": INTEROP,
     # The data side (tasks/) only; the core never imports these.
     "data": ["seqio", "tensorflow-datasets", "sentencepiece"],
 }

@@ -90,6 +90,8 @@ class MoeLayer(nn.Module):
     dtype: activation/computation dtype of the experts (the router is always float32).
     expert_implementation: "auto" (fastest for the backend), "reference" (plain batched einsum
       / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py.
+    num_expert_partitions: devices the experts are split over (the size of the expert-parallel
+      mesh axis, as flaxformer's field of that name); num_experts must divide evenly.
   """
   router: nn.Module
   expert_hidden_dim: int
@@ -103,6 +105,7 @@ class MoeLayer(nn.Module):
   expert_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   expert_implementation: str = "auto"
+  num_expert_partitions: int = 1
 
   def __post_init__(self):
     check_activation(self.activation)
@@ -125,6 +128,11 @@ class MoeLayer(nn.Module):
     # (a factory, a gin binding) would silently share its weights, and one built inside a
     # parent's compact method would belong to that parent rather than to this layer.
     object.__setattr__(self, "router", self.router.clone(parent=None, name=None))
+    if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
+      raise ValueError(
+          f"num_experts={self.num_experts} must be divisible by num_expert_partitions="
+          f"{self.num_expert_partitions} (the expert-parallel mesh axis); choose a number of "
+          f"experts that is a multiple of it, or a smaller expert axis.")
     if self.dispatch == "dropless" and isinstance(self.router, ExpertChoiceRouter):
       raise ValueError("dispatch='dropless' needs a token-choice router; expert choice has a "
                        "fixed capacity by construction: use dispatch 'gather' or 'einsum'.")

@@ -103,6 +103,7 @@ def test_tiny_preset_trains(name):
     ("NUM_HEADS = 5\nHEAD_DIM = None", "num_heads=5 must divide d_model=64"),
     ("NUM_KV_HEADS = 3", "num_kv_heads=3 must divide num_heads=4"),
     ("TOP_K = 9", "num_selected_experts"),
+    ("NUM_EXPERT_PARTITIONS = 3", "num_experts=8 must be divisible by num_expert_partitions=3"),
     ("DISPATCH = 'scatter'", "dispatch"),
     ("ACTIVATION = 'swish'", "activation must be one of"),
 ])

@@ -1,0 +1,1 @@
+"""Converters between moe_jax parameter trees and other libraries' checkpoints."""

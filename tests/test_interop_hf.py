@@ -1,0 +1,111 @@
+"""Hugging Face checkpoints: our logits and greedy tokens equal transformers' own (float32)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe_jax import config, decoding  # noqa: E402
+from moe_jax.interop import huggingface as hf  # noqa: E402
+
+TEXT = ("def load_checkpoint(path):\n    # Mixture-of-experts layers route each token to two "
+        "of eight experts.\n    return restore(path)\n")
+RULES = (("expert", "model"), ("vocab", "model"), ("heads", "model"), ("embed", None),
+         ("mlp", "model"), ("expert_mlp", None), ("kv_heads", None), ("kv", None),
+         ("layers", None))
+
+
+def text_ids(vocab, batch=2, length=24):
+  """Real text as ids: UTF-8 bytes folded into the vocabulary, one row per offset."""
+  data = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int64) % (vocab - 1) + 1
+  return np.stack([data[i * 7: i * 7 + length] for i in range(batch)])
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def hf_greedy(model, ids, n):
+  with torch.no_grad():
+    out = model.generate(torch.as_tensor(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def tiny_mixtral(tmp_path):
+  """A random MixtralForCausalLM with the dimensions of our mixtral_8x7b_tiny preset."""
+  cfg = transformers.MixtralConfig(
+      vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+      num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=128,
+      tie_word_embeddings=False, attn_implementation="eager")
+  torch.manual_seed(0)
+  model = transformers.MixtralForCausalLM(cfg).float().eval()
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  return model, cfg
+
+
+def test_mixtral_import_into_the_preset_matches_transformers(tmp_path, capsys):
+  theirs, cfg = tiny_mixtral(tmp_path)
+  module = config.load_model(["gin_configs/models/mixtral_8x7b_tiny.gin"]).module
+  assert module.scan_layers  # the tiny preset's stacked tree
+  mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), int)))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract)["params"], mesh, RULES)
+  _, params = hf.import_checkpoint(str(tmp_path / "hf"), module, shardings)
+  wi = params["layers"]["block_0"]["moe"]["experts"]["wi"]
+  assert wi.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model", None, None))
+  ids = text_ids(512)
+  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
+  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
+  with capsys.disabled():
+    print(f"\nmixtral: max |logits − transformers| = {diff:.2e}")
+  assert diff <= 1e-4
+  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids), max_new_tokens=8)
+  np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, 8))
+
+
+def test_mixtral_export_round_trip(tmp_path):
+  theirs, cfg = tiny_mixtral(tmp_path)
+  module, params = hf.import_checkpoint(str(tmp_path / "hf"))  # module from config.json
+  assert not module.scan_layers
+  hf.export_checkpoint(module, params, str(tmp_path / "back"), cfg.to_dict())
+  again = transformers.MixtralForCausalLM.from_pretrained(
+      tmp_path / "back", attn_implementation="eager").float().eval()
+  ids = text_ids(512)
+  np.testing.assert_array_equal(hf_logits(again, ids), hf_logits(theirs, ids))
+
+
+def test_qwen2_moe_with_shared_experts_matches_transformers(tmp_path, capsys):
+  cfg = transformers.Qwen2MoeConfig(
+      vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+      shared_expert_intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+      num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, max_position_embeddings=128,
+      decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False,
+      attn_implementation="eager")
+  torch.manual_seed(1)
+  theirs = transformers.Qwen2MoeForCausalLM(cfg).float().eval()
+  theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  module, params = hf.import_checkpoint(str(tmp_path / "hf"))
+  assert module.moe_ids == (0, 2) and module.shared_expert_gate and module.qkv_bias
+  ids = text_ids(300)
+  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
+  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
+  with capsys.disabled():
+    print(f"\nqwen2_moe: max |logits − transformers| = {diff:.2e}")
+  assert diff <= 1e-4
+  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids), max_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, 6))
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path):
+  tiny_mixtral(tmp_path)
+  wrong = config.load_model(["gin_configs/models/mixtral_8x7b_tiny.gin"],
+                            ["NUM_EXPERTS = 4"]).module
+  with pytest.raises(ValueError, match="checkpoint shape"):
+    hf.import_checkpoint(str(tmp_path / "hf"), wrong)
