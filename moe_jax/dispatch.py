@@ -6,15 +6,24 @@ All three compute the same function of (x, routing decision, experts):
   * `einsum`: GShard one-hot masks [G, S, E, C]; readable reference, O(G·S·E·C·H) work.
   * `gather`: index arithmetic; tokens are gathered into capacity buffers [E, G·C, H] and the
     outputs gathered back; O(T·k·H) data movement, no [G, S, E, C] tensor. The default.
+    Two layouts: `packed` (one device: each expert's kept rows from all groups at the front
+    of its buffer, so the experts skip the empty tail) and `grouped` (a mesh: group g's slots
+    at [e, g·C : (g+1)·C], built by per-group gathers that stay on the group's device).
   * `dropless`: no capacity; the T·k assignments are laid out sorted by expert in one ragged
     array [T·k, H] for a grouped matmul. Token choice only (expert choice has a fixed C).
 
 A dispatcher returns an `ExpertBatch` for the experts and the state its `combine` needs.
+
+Sharded runs (SPEC §4): the grouped layouts build buffers [G, E, C, H] split like the groups
+(logical axis "group"), then constrain them to [E, G, C, H] split over experts ("expert",
+"expert_group"): XLA lowers that change of layout to an all-to-all, and the reverse after
+the experts. Without a mesh the constraints do nothing.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -121,6 +130,40 @@ def _combine_token_choice(outputs_flat: Array, state: Tuple[Array, Array], weigh
   return y.reshape(g, s, -1)
 
 
+GROUP_SHARDED = ("group", None, None, "act_embed")           # [G, E, C, H]
+EXPERT_SHARDED = ("expert", "expert_group", None, "act_embed")  # [E, G, C, H]
+
+
+def to_experts(buffers: Array) -> Array:
+  """[G, E, C, H] split by group -> [E, G·C, H] split by expert (an all-to-all on a mesh)."""
+  g, e, c, h = buffers.shape
+  buffers = nn.with_logical_constraint(buffers, GROUP_SHARDED)
+  buffers = nn.with_logical_constraint(jnp.transpose(buffers, (1, 0, 2, 3)), EXPERT_SHARDED)
+  return buffers.reshape(e, g * c, h)
+
+
+def from_experts(outputs: Array, num_groups: int) -> Array:
+  """[E, G·C, H] split by expert -> [G, E, C, H] split by group (the reverse all-to-all)."""
+  e, gc, h = outputs.shape
+  outputs = nn.with_logical_constraint(outputs.reshape(e, num_groups, gc // num_groups, h),
+                                       EXPERT_SHARDED)
+  return nn.with_logical_constraint(jnp.transpose(outputs, (1, 0, 2, 3)), GROUP_SHARDED)
+
+
+def _token_choice_slots(routing: TokenChoiceRouting, num_experts: int, capacity: int
+                        ) -> Tuple[Array, Array]:
+  """Per group: each assignment's slot e·C + position [G, S, k] (E·C when dropped) and each
+  slot's token [G, E·C] (S when empty)."""
+  g, s, _ = routing.expert_index.shape
+  slots = num_experts * capacity
+  rows = jnp.where(routing.kept, routing.expert_index * capacity + routing.position,
+                   slots).astype(jnp.int32)
+  token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], rows.shape[1:])
+  row_token = jax.vmap(lambda r: jnp.full((slots,), s, jnp.int32).at[r.ravel()].set(
+      token.ravel(), mode="drop"))(rows)
+  return rows, row_token
+
+
 class EinsumDispatcher:
   """GShard-style dispatch and combine with one-hot masks (the readable reference).
 
@@ -144,30 +187,42 @@ class EinsumDispatcher:
                * routing.valid[..., None].astype(x.dtype))  # [G, E, C, S]
       dispatch_mask = jnp.transpose(slots, (0, 3, 1, 2))
       combine = dispatch_mask * routing.combine_weights[:, None].astype(x.dtype)
-    cap = dispatch_mask.shape[-1]
-    inputs = jnp.einsum("gsec,gsh->egch", dispatch_mask, x).reshape(num_experts, g * cap, h)
-    return ExpertBatch(inputs), combine
+    inputs = jnp.einsum("gsec,gsh->gech", dispatch_mask, x)
+    return ExpertBatch(to_experts(inputs)), combine
 
   def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
     combine = state
-    g, _, num_experts, cap = combine.shape
-    outputs = outputs.reshape(num_experts, g, cap, outputs.shape[-1])
-    return jnp.einsum("gsec,egch->gsh", combine, outputs)
+    return jnp.einsum("gsec,gech->gsh", combine, from_experts(outputs, combine.shape[0]))
 
 
 class GatherDispatcher:
   """Index-based dispatch into capacity buffers [E, G·C, H]; no [G, S, E, C] tensors.
 
-  Token choice: expert e's kept assignments from all groups are packed at the front of its
-  buffer (group by group, each in queue order), so `counts[e]` tells the experts how many
-  leading slots are in use. Combine gathers each token's k output rows.
+  packed (grouped=False), token choice: expert e's kept assignments from all groups are packed
+  at the front of its buffer (group by group, each in queue order), so `counts[e]` tells the
+  experts how many leading slots are in use. Combine gathers each token's k output rows.
+  grouped=True: group g owns slots [g·C, (g+1)·C) of every expert; all index work is per
+  group (vmapped gathers), so it stays on the group's device, and `to_experts` /
+  `from_experts` move the buffers (all-to-all on a mesh). No counts: slots are not packed.
   Expert choice: slot (e, g·C + c) holds token token_index[g, e, c]; combine scatter-adds.
   """
   name = "gather"
 
+  def __init__(self, grouped: bool = False):
+    self.grouped = grouped
+
   def dispatch(self, x: Array, routing: Routing, num_experts: int,
                capacity: Optional[int]) -> Tuple[ExpertBatch, Any]:
     g, s, h = x.shape
+    if self.grouped:
+      if isinstance(routing, TokenChoiceRouting):
+        rows, slot_token = _token_choice_slots(routing, num_experts, capacity)
+        state = (rows, slot_token)
+      else:
+        slot_token = jnp.where(routing.valid, routing.token_index, s).reshape(g, -1)
+        state = slot_token
+      buffers = jax.vmap(_gather_rows)(x, slot_token)  # [G, E·C, H]
+      return ExpertBatch(to_experts(buffers.reshape(g, num_experts, -1, h))), state
     if isinstance(routing, TokenChoiceRouting):
       counts_ge = _kept_per_group_expert(routing, num_experts)
       base = jnp.arange(num_experts, dtype=jnp.int32) * (g * capacity)
@@ -185,6 +240,15 @@ class GatherDispatcher:
 
   def combine(self, outputs: Array, state: Any, routing: Routing, x_shape) -> Array:
     g, s, h = x_shape
+    if self.grouped:
+      out = from_experts(outputs, g).reshape(g, -1, outputs.shape[-1])  # [G, E·C, H]
+      if isinstance(routing, TokenChoiceRouting):
+        rows, slot_token = state
+        return jax.vmap(_combine_rows)(out, routing.combine_weights, rows, slot_token)
+      weights = routing.combine_weights.reshape(g, -1).astype(out.dtype)
+      add = lambda o, st, w: jnp.zeros((s, o.shape[-1]), o.dtype).at[st].add(
+          o * w[:, None], mode="drop")
+      return jax.vmap(add)(out, state, weights)
     outputs_flat = outputs.reshape(-1, outputs.shape[-1])
     if isinstance(routing, TokenChoiceRouting):
       return _combine_token_choice(outputs_flat, state, routing.combine_weights)
@@ -218,9 +282,15 @@ class DroplessDispatcher:
     return _combine_token_choice(outputs, state, routing.combine_weights)
 
 
-def make_dispatcher(name: str):
-  dispatchers = {"einsum": EinsumDispatcher, "gather": GatherDispatcher,
-                 "dropless": DroplessDispatcher}
-  if name not in dispatchers:
+def make_dispatcher(name: str, grouped: bool = False):
+  """The dispatcher called `name`; grouped: the layout for a device mesh (see module doc)."""
+  if name not in DISPATCH_NAMES:
     raise ValueError(f"dispatch must be one of {DISPATCH_NAMES}, got {name!r}.")
-  return dispatchers[name]()
+  if name == "gather":
+    return GatherDispatcher(grouped)
+  if name == "dropless" and grouped:
+    raise ValueError(
+        "dispatch='dropless' runs on one device (or data-parallel copies of one) for now: its "
+        "ragged layout spans all groups. On a multi-device mesh use dispatch='gather' with a "
+        "capacity factor (eval_capacity_factor high enough for no drops).")
+  return {"einsum": EinsumDispatcher, "dropless": DroplessDispatcher}[name]()

@@ -35,6 +35,7 @@ from moe_jax.moe_layer import MoeAux
 
 Array = jax.Array
 MOE_DENSE_FFN = ("none", "parallel", "sequential")
+ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical axes of the residual stream
 # RNG streams split per layer under scan (a layer's noise must differ from its neighbour's).
 RNG_STREAMS = ("params", "dropout", "jitter", "gating_noise", "routing")
 
@@ -96,7 +97,7 @@ class DecoderBlock(nn.Module):
     if self.moe is not None and self.moe_dense_ffn == "sequential":
       h = norm(name="pre_extra_mlp_norm")(x)
       x = x + drop(self.mlp(name="extra_mlp")(h, deterministic))
-    return x, aux
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
 
 class DecoderUnit(nn.Module):
@@ -227,6 +228,7 @@ class Decoder(nn.Module):
       padding_mask = segment_ids > 0
     embed = Embed(self.vocab_size, self.d_model, self.dtype, name="token_embed")
     x = nn.Dropout(self.dropout_rate)(embed(tokens), deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     inputs = (positions, segment_ids, prefix_mask, padding_mask)
     moe_ids = self.moe_ids
     if self.scan_layers:
@@ -261,6 +263,7 @@ class Decoder(nn.Module):
       head = self.param("lm_head", nn.with_logical_partitioning(dense_init(), ("embed", "vocab")),
                         (self.d_model, self.vocab_size), jnp.float32)
       logits = x @ head.astype(self.dtype)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.float32), stats
 
 

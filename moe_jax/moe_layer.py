@@ -48,6 +48,12 @@ class MoeAux:
   metrics: Dict[str, Array]
 
 
+def mesh_is_active() -> bool:
+  """True under `jax.set_mesh` with more than one device (partitioning.activate)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
+
+
 def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[int]
                     ) -> Dict[str, Array]:
   """Per-layer routing statistics over real tokens (padding_mask [G, S], 1 = real)."""
@@ -188,14 +194,22 @@ class MoeLayer(nn.Module):
     groups = tokens.reshape(-1, s, h)
     mask = mask.reshape(-1, s)
 
+    # On a mesh the groups are split like the batch; dispatch then uses the grouped layout
+    # whose change to expert-sharded buffers is an all-to-all (dispatch.py).
+    groups = nn.with_logical_constraint(groups, ("group", None, "act_embed"))
+    sharded = mesh_is_active()
     capacity = self.capacity(s, deterministic)
     routed = self.router(groups, mask, capacity, deterministic)
-    dispatcher = dispatch_lib.make_dispatcher(self.dispatch)
+    dispatcher = dispatch_lib.make_dispatcher(self.dispatch, grouped=sharded)
     expert_batch, state = dispatcher.dispatch(groups.astype(self.dtype), routed.routing,
                                               self.num_experts, capacity)
     outputs = Experts(self.num_experts, self.expert_hidden_dim, self.activation,
                       self.expert_dropout_rate, self.dtype,
-                      implementation=self.expert_implementation,
+                      # A loop over a sharded expert axis would gather every expert's
+                      # weights to every device: on a mesh, "auto" means batched einsums.
+                      implementation=("reference" if sharded and
+                                      self.expert_implementation == "auto"
+                                      else self.expert_implementation),
                       name="experts")(expert_batch, deterministic)
     y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
     y = y.reshape(-1, h)[:num_tokens].reshape(batch, seq_len, h).astype(x.dtype)

@@ -1,0 +1,195 @@
+"""Meshes, logical axis rules, sharded initialisation and global batches (SPEC §4).
+
+Model: GSPMD with *Auto* mesh axes. Parameters and key activations carry Flax logical axis
+names; one rules table maps them to mesh axes; `jax.jit` with shardings and
+`with_sharding_constraint` (what `nn.with_logical_constraint` emits) let XLA insert the
+collectives. Chosen over Explicit axes + `reshard` because Flax's logical partitioning and
+t5x-style rules tables are built on constraints, and a constraint between the group-sharded
+and the expert-sharded layout of the MoE buffers already lowers to an all-to-all.
+
+Mesh axes: `replica` (outer, across slices / DCN), `data`, `expert`, `model`. The batch (and
+the MoE groups) is split over replica × data × expert; expert weights [E, H, F] over
+`expert` × `model` (2D, GLaM); with `fsdp=True` their H dimension also over `data`.
+
+    mesh = make_mesh(data=2, expert=4)                     # -1 fills the remaining devices
+    rules = standard_rules()
+    with activate(mesh, rules):
+      variables = init_sharded(module, mesh, rules, sample_tokens)
+      logits, aux = jax.jit(module.apply)(variables, tokens)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("replica", "data", "expert", "model")
+BATCH_AXES = ("replica", "data", "expert")
+Rules = Tuple[Tuple[str, Any], ...]
+
+
+def mesh_shape(num_devices: int, replica: int = 1, data: int = -1, expert: int = 1,
+               model: int = 1) -> Tuple[int, int, int, int]:
+  """Sizes of (replica, data, expert, model); one size may be -1 (the devices left over)."""
+  sizes = [replica, data, expert, model]
+  unknown = [i for i, s in enumerate(sizes) if s == -1]
+  if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes must be >= 1, with at most one -1; got "
+                     f"{dict(zip(MESH_AXES, sizes))}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if unknown:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes (product {known}) "
+                       f"do not divide the {num_devices} devices.")
+    sizes[unknown[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, but "
+                     f"{num_devices} are available: the sizes must multiply to the device count.")
+  return tuple(sizes)
+
+
+def make_mesh(replica: int = 1, data: int = -1, expert: int = 1, model: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A Mesh over (replica, data, expert, model) with Auto axes (GSPMD-style constraints).
+
+  Uses `jax.make_mesh`, which orders devices by the physical topology on TPU/GPU, when all
+  devices are used; an explicit device list is laid out in order.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(len(devices), replica, data, expert, model)
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def parse_mesh(spec: str) -> dict:
+  """'data:16,expert:16,model:4' -> {'data': 16, 'expert': 16, 'model': 4}."""
+  out = {}
+  for part in filter(None, spec.split(",")):
+    name, _, size = part.partition(":")
+    if name not in MESH_AXES:
+      raise ValueError(f"mesh axis must be one of {MESH_AXES}, got {name!r} in {spec!r}.")
+    out[name] = int(size)
+  return out
+
+
+def standard_rules(fsdp: bool = False) -> Rules:
+  """Logical axis -> mesh axes (t5x style). The table every preset uses unless it sets its own.
+
+  batch / group: the data-parallel axes (the MoE groups are split like the batch).
+  expert: the expert axis; expert_mlp, mlp, heads, vocab: the model (tensor-parallel) axis.
+  fsdp: also split the embed dimension of the weights over `data` (ZeRO-3 / FSDP-style), for
+  presets whose parameters do not fit replicated over the data axis.
+  """
+  return (
+      ("batch", BATCH_AXES),
+      ("group", BATCH_AXES),
+      ("length", None),
+      ("expert", "expert"),
+      ("expert_mlp", "model"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv_heads", None),  # few kv heads (GQA) rarely divide the model axis; they are small
+      ("kv", None),
+      ("vocab", "model"),
+      ("embed", "data" if fsdp else None),
+      ("layers", None),
+      # Activations: the embed dim of activations stays unsplit even with fsdp.
+      ("act_embed", None),
+      ("expert_group", ("replica", "data")),  # groups after the all-to-all (experts hold E)
+  )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  """Sets the mesh and the logical rules for jit, constraints and Flax partitioning."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_shardings(tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for a tree of (boxed) variables or their eval_shape."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)
+
+
+def init_sharded(module: nn.Module, mesh: Mesh, rules: Rules, tokens: Any,
+                 rng: Optional[jax.Array] = None, **kwargs):
+  """module.init compiled with out_shardings: every array is created on its own shards."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  init = lambda r, t: module.init(r, t, **kwargs)
+  abstract = jax.eval_shape(init, rng, tokens)
+  shardings = logical_shardings(abstract, mesh, rules)
+  with activate(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng, tokens)
+
+
+def expert_axis_size(mesh: Mesh, rules: Rules) -> int:
+  """Devices the expert dimension is split over under `rules`."""
+  axes = dict(rules).get("expert")
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
+  axes = dict(rules).get("batch")
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
+  """Errors before compilation: experts vs the expert axis, batch vs the batch axes."""
+  split = batch_axes_size(mesh, rules)
+  if batch_size % split:
+    raise ValueError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
+                     f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
+  if getattr(module, "moe_layer", None) is not None:
+    num_experts = module.moe_layer().num_experts
+    e = expert_axis_size(mesh, rules)
+    if num_experts % e:
+      raise ValueError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
+                       f"({e} devices); choose a multiple of {e} experts or a smaller axis.")
+
+
+# ----------------------------------------------------------------------------------------
+# Data: global batches from per-host shards, and multi-host start-up.
+# ----------------------------------------------------------------------------------------
+
+def host_shard() -> Tuple[int, int]:
+  """(index, count) of this process's shard of the input pipeline."""
+  return jax.process_index(), jax.process_count()
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules):
+  """Per-host batch shards -> global arrays split over the batch axes (leading dim)."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)
+  sharding = NamedSharding(mesh, PartitionSpec(*spec))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           local_device_ids: Optional[Sequence[int]] = None) -> None:
+  """`jax.distributed.initialize` from arguments or the environment (MOE_JAX_COORDINATOR,
+  MOE_JAX_NUM_PROCESSES, MOE_JAX_PROCESS_ID); on TPU pods and SLURM clusters everything may be
+  left out and JAX finds it. On CPU, cross-process collectives use gloo."""
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("MOE_JAX_COORDINATOR")
+  if num_processes is None and "MOE_JAX_NUM_PROCESSES" in env:
+    num_processes = int(env["MOE_JAX_NUM_PROCESSES"])
+  if process_id is None and "MOE_JAX_PROCESS_ID" in env:
+    process_id = int(env["MOE_JAX_PROCESS_ID"])
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=local_device_ids)
