@@ -131,6 +131,23 @@ def init_sharded(module: nn.Module, mesh: Mesh, rules: Rules, tokens: Any,
     return jax.jit(init, out_shardings=shardings)(rng, tokens)
 
 
+def optimizer_shardings(opt_state, params, param_shardings, mesh: Mesh):
+  """Shardings for an optax state: a leaf shaped like its parameter (Adam moments, unfactored
+  Adafactor stats) is split like it; anything else (counts, factored row/column stats) is
+  replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_def = jax.tree.structure(params)
+  like_params = lambda n: jax.tree.structure(n) == params_def
+
+  def shard(node):
+    if not like_params(node):
+      return replicated
+    return jax.tree.map(lambda a, p, s: s if a.shape == p.shape else replicated,
+                        node, params, param_shardings)
+
+  return jax.tree.map(shard, opt_state, is_leaf=like_params)
+
+
 def expert_axis_size(mesh: Mesh, rules: Rules) -> int:
   """Devices the expert dimension is split over under `rules`."""
   axes = dict(rules).get("expert")
@@ -162,15 +179,27 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
 # Data: global batches from per-host shards, and multi-host start-up.
 # ----------------------------------------------------------------------------------------
 
-def host_shard() -> Tuple[int, int]:
-  """(index, count) of this process's shard of the input pipeline."""
-  return jax.process_index(), jax.process_count()
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Leading (batch) dimension over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(*nn.logical_to_mesh_axes(("batch",), rules)))
+
+
+def host_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> slice:
+  """The rows of the global batch this process feeds (contiguous under the batch sharding);
+  an input pipeline reads exactly these, e.g. as shard index = start / (stop − start)."""
+  sharding = batch_sharding(mesh, rules)
+  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+  starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size)
+                   for idx in index_map.values()})
+  for (_, stop), (start, _) in zip(starts, starts[1:]):
+    if stop != start:
+      raise ValueError(f"this process's batch rows are not contiguous: {starts}.")
+  return slice(starts[0][0], starts[-1][1])
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules):
-  """Per-host batch shards -> global arrays split over the batch axes (leading dim)."""
-  spec = nn.logical_to_mesh_axes(("batch",), rules)
-  sharding = NamedSharding(mesh, PartitionSpec(*spec))
+  """This process's rows of the batch (`host_batch_rows`) -> global arrays over the batch axes."""
+  sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
 

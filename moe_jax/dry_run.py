@@ -1,0 +1,119 @@
+"""Compile a preset's training step for a mesh of fake CPU devices and report what it costs.
+
+    python -m moe_jax.dry_run --gin_file=gin_configs/models/openmoe_8b_32e.gin \\
+        --mesh=data:16,expert:4 --batch 64 --seq_len 2048 [--fsdp] [--gin.SCAN_LAYERS=True]
+
+Nothing is allocated: parameters, optimizer state and batch are abstract, in their
+shardings; XLA compiles the step for `prod(mesh)` host devices. Printed per device: parameter
+and optimizer-state bytes (from the shard shapes), and the compiled memory analysis (arguments,
+outputs, temporaries = activations and scratch); then the collectives in the optimised HLO.
+The mesh flag sets XLA_FLAGS before JAX starts, so run it as its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+
+
+def _parse(argv):
+  from moe_jax import config  # no jax at import time: XLA_FLAGS must be set first
+  files, bindings, rest = config.split_gin_args(argv)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--mesh", default="data:-1", help="e.g. data:16,expert:16,model:4")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: one "
+                      "sequence per device on the batch axes)")
+  parser.add_argument("--seq_len", type=int, default=2048)
+  parser.add_argument("--fsdp", action="store_true", help="also split weights over `data`")
+  parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
+  args = parser.parse_args(rest)
+  if not files:
+    parser.error("give a --gin_file")
+  return files, bindings, args
+
+
+def collective_counts(hlo: str) -> dict:
+  return {kind: len(re.findall(rf"\b{kind}(-start)?\(", hlo))
+          for kind in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+                       "collective-permute")}
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  files, bindings, args = _parse(argv)
+  from moe_jax.partitioning import parse_mesh  # pure python
+  sizes = parse_mesh(args.mesh)
+  num_devices = math.prod(s for s in sizes.values() if s > 0)
+  if -1 in sizes.values():
+    raise SystemExit("--mesh: give every axis size explicitly (no -1) for a dry run.")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={num_devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from moe_jax import config, partitioning as part, train_step as ts
+
+  lm = config.load_model(files, bindings)
+  module = lm.module
+  mesh = part.make_mesh(**sizes)
+  rules = part.standard_rules(fsdp=args.fsdp)
+  batch_size = args.batch or part.batch_axes_size(mesh, rules)
+  part.validate(module, mesh, rules, batch_size)
+  optimizer = optax.adafactor(1e-3) if args.optimizer == "adafactor" else optax.adamw(1e-4)
+
+  tokens = jax.ShapeDtypeStruct((batch_size, args.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+  var_shardings = part.logical_shardings(boxed, mesh, rules)
+  abstract_vars = nn.meta.unbox(boxed)
+  abstract_state = jax.eval_shape(lambda v: ts.TrainState.create(v, optimizer), abstract_vars)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = part.optimizer_shardings(abstract_state.opt_state, abstract_state.params,
+                                           var_shardings["params"], mesh)
+  state_shardings = ts.TrainState(
+      step=replicated, params=var_shardings["params"], opt_state=opt_shardings,
+      extra={k: var_shardings[k] for k in abstract_state.extra})
+  batch_sharding = NamedSharding(mesh, PartitionSpec(part.BATCH_AXES))
+  batch = {k: jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sharding)
+           for k in ("decoder_input_tokens", "decoder_target_tokens")}
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, state_shardings)
+
+  step = jax.jit(lambda s, b, r: ts.train_step(lm, optimizer, s, b, r),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+  start = time.time()
+  with part.activate(mesh, rules):
+    compiled = step.lower(state_in, batch, jax.random.PRNGKey(0)).compile()
+  seconds = time.time() - start
+
+  def per_device_bytes(tree, shardings):
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(leaves, shards))
+
+  gib = lambda n: f"{n / 2**30:.3f} GiB"
+  mem = compiled.memory_analysis()
+  print(f"preset {' '.join(files)}; mesh {dict(mesh.shape)} ({num_devices} devices); batch "
+        f"{batch_size} x {args.seq_len}; {args.optimizer}; fsdp={args.fsdp}; "
+        f"compiled in {seconds:.0f} s")
+  print(f"per device: params {gib(per_device_bytes(abstract_state.params, state_shardings.params))}"
+        f", optimizer {gib(per_device_bytes(abstract_state.opt_state, opt_shardings))}")
+  if mem is not None:
+    print(f"compiled memory per device: arguments {gib(mem.argument_size_in_bytes)}, outputs "
+          f"{gib(mem.output_size_in_bytes)}, temporaries (activations + scratch) "
+          f"{gib(mem.temp_size_in_bytes)}, aliased {gib(mem.alias_size_in_bytes)}")
+  counts = collective_counts(compiled.as_text())
+  print("collectives in the step: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+  return counts
+
+
+if __name__ == "__main__":
+  main()
