@@ -35,10 +35,22 @@ def _parse(argv):
   return files, bindings, args
 
 
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+
 def collective_counts(hlo: str) -> dict:
-  return {kind: len(re.findall(rf"\b{kind}(-start)?\(", hlo))
-          for kind in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce",
-                       "collective-permute")}
+  return {kind: len(re.findall(rf"\b{kind}(-start)?\(", hlo)) for kind in COLLECTIVES}
+
+
+def largest_collectives(hlo: str, top: int = 3) -> dict:
+  """Per kind, the largest result shapes (e.g. 'f32[32,2048,8192]') in the optimised HLO."""
+  out = {}
+  for kind in COLLECTIVES:
+    shapes = set(re.findall(rf"= ((?:f32|bf16|s32|f16|u32|pred)\[[0-9,]*\])[^=]*? "
+                            rf"{kind}(?:-start)?\(", hlo))
+    size = lambda sh: math.prod(int(d) for d in sh[sh.index("[") + 1:-1].split(",") if d)
+    out[kind] = sorted(shapes, key=size, reverse=True)[:top]
+  return out
 
 
 def main(argv=None):
@@ -74,12 +86,8 @@ def main(argv=None):
   var_shardings = part.logical_shardings(boxed, mesh, rules)
   abstract_vars = nn.meta.unbox(boxed)
   abstract_state = jax.eval_shape(lambda v: ts.TrainState.create(v, optimizer), abstract_vars)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shardings = part.optimizer_shardings(abstract_state.opt_state, abstract_state.params,
-                                           var_shardings["params"], mesh)
-  state_shardings = ts.TrainState(
-      step=replicated, params=var_shardings["params"], opt_state=opt_shardings,
-      extra={k: var_shardings[k] for k in abstract_state.extra})
+  state_shardings = part.train_state_shardings(abstract_state, var_shardings, mesh)
+  opt_shardings = state_shardings.opt_state
   batch_sharding = NamedSharding(mesh, PartitionSpec(part.BATCH_AXES))
   batch = {k: jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sharding)
            for k in ("decoder_input_tokens", "decoder_target_tokens")}
@@ -110,8 +118,12 @@ def main(argv=None):
     print(f"compiled memory per device: arguments {gib(mem.argument_size_in_bytes)}, outputs "
           f"{gib(mem.output_size_in_bytes)}, temporaries (activations + scratch) "
           f"{gib(mem.temp_size_in_bytes)}, aliased {gib(mem.alias_size_in_bytes)}")
-  counts = collective_counts(compiled.as_text())
+  hlo = compiled.as_text()
+  counts = collective_counts(hlo)
   print("collectives in the step: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+  for kind, shapes in largest_collectives(hlo).items():
+    if shapes:
+      print(f"  largest {kind} results: {', '.join(shapes)}")
   return counts
 
 

@@ -133,19 +133,38 @@ def init_sharded(module: nn.Module, mesh: Mesh, rules: Rules, tokens: Any,
 
 def optimizer_shardings(opt_state, params, param_shardings, mesh: Mesh):
   """Shardings for an optax state: a leaf shaped like its parameter (Adam moments, unfactored
-  Adafactor stats) is split like it; anything else (counts, factored row/column stats) is
-  replicated."""
+  Adafactor stats) is split like it; Adafactor's factored statistics (the parameter's shape
+  without its last or its second-to-last dimension) like the dimensions they keep; anything
+  else (counts, placeholders) is replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
   params_def = jax.tree.structure(params)
   like_params = lambda n: jax.tree.structure(n) == params_def
 
+  def leaf(a, p, s):
+    spec = tuple(s.spec) + (None,) * (len(p.shape) - len(s.spec))
+    for dropped in (len(p.shape) - 1, len(p.shape) - 2):
+      kept = [i for i in range(len(p.shape)) if i != dropped]
+      if dropped >= 0 and a.shape == tuple(p.shape[i] for i in kept):
+        return NamedSharding(mesh, PartitionSpec(*(spec[i] for i in kept)))
+    return s if a.shape == p.shape else replicated
+
   def shard(node):
     if not like_params(node):
       return replicated
-    return jax.tree.map(lambda a, p, s: s if a.shape == p.shape else replicated,
-                        node, params, param_shardings)
+    return jax.tree.map(leaf, node, params, param_shardings)
 
   return jax.tree.map(shard, opt_state, is_leaf=like_params)
+
+
+def train_state_shardings(abstract_state, variable_shardings, mesh: Mesh):
+  """Shardings of a `train_step.TrainState` (step replicated, params by the rules, optimizer
+  state like its parameters, extra collections by the rules)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return abstract_state.replace(
+      step=replicated, params=variable_shardings["params"],
+      opt_state=optimizer_shardings(abstract_state.opt_state, abstract_state.params,
+                                    variable_shardings["params"], mesh),
+      extra={k: variable_shardings[k] for k in abstract_state.extra})
 
 
 def expert_axis_size(mesh: Mesh, rules: Rules) -> int:

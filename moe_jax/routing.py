@@ -211,6 +211,21 @@ def default_router_init():
   return nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
 
 
+def top_k_indices(scores: Array, k: int) -> Array:
+  """Indices of the k largest scores along the last axis, in descending order [..., k].
+
+  The same choice as `lax.top_k` (ties go to the lower index), made by k rounds of argmax:
+  element-wise work and reductions that GSPMD keeps on each group's device, where XLA's TopK
+  custom call made it all-gather the [G, S, E] scores of every group. k is small (≤ 8).
+  """
+  chosen = []
+  for _ in range(k):
+    index = jnp.argmax(scores, axis=-1)
+    chosen.append(index)
+    scores = jnp.where(jax.nn.one_hot(index, scores.shape[-1], dtype=bool), -jnp.inf, scores)
+  return jnp.stack(chosen, axis=-1).astype(jnp.int32)
+
+
 class RouterLogits(nn.Module):
   """Bias-free float32 projection x [G, S, H] -> logits [G, S, E].
 
@@ -222,7 +237,7 @@ class RouterLogits(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
                         (x.shape[-1], self.num_experts), jnp.float32)
     return jnp.einsum("gsh,he->gse", x.astype(jnp.float32), kernel,
                       precision=jax.lax.Precision.HIGHEST)
@@ -318,7 +333,7 @@ class TokenChoiceRouter(nn.Module):
     if self.expert_bias_update_rate > 0:
       bias = self.variable(EXPERT_BIAS_COLLECTION, "expert_bias", jnp.zeros, (e,), jnp.float32)
       selection_scores = scores + jax.lax.stop_gradient(bias.value)
-    _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, S, k]
+    expert_index = top_k_indices(selection_scores, k)  # [G, S, k]
     gates = jnp.take_along_axis(scores, expert_index, axis=-1)
     gate_share = gates / jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), tiny)
     if self.normalize_combine_weights:

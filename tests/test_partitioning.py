@@ -83,10 +83,10 @@ def test_shard_shapes_follow_the_rules():
     p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
   p = nn.meta.unbox(p)
   shard = lambda a: a.sharding.shard_shape(a.shape)
-  # [E, H, F] over expert × model (2D); router [H, E] over expert.
+  # [E, H, F] over expert × model (2D); the router [H, E] is replicated.
   assert shard(p["experts"]["wi"]) == (2, 16, 16)
   assert shard(p["experts"]["wo"]) == (2, 16, 16)
-  assert shard(p["router"]["logits"]["kernel"]) == (16, 2)
+  assert shard(p["router"]["logits"]["kernel"]) == (16, 8)  # tiny: replicated
 
 
 def collectives(hlo):
@@ -107,6 +107,9 @@ def test_token_exchange_is_all_to_all_without_gathering_expert_weights(dispatch)
   assert counts["all-to-all"] >= 2, counts  # to the experts and back (and in the backward)
   full_weight = re.compile(r"f32\[8,16,32\]\{[^}]*\} all-gather")
   assert not full_weight.search(hlo), "a full expert weight tensor is all-gathered"
+  # Routing stays on each group's device: nothing at all is all-gathered (top-k by argmax
+  # rounds; XLA's TopK made GSPMD gather the [G, S, E] scores).
+  assert counts["all-gather"] == 0, counts
 
 
 @pytest.mark.parametrize("mesh_dims", MESHES)

@@ -17,6 +17,7 @@ from moe_jax import partitioning as part  # noqa: E402
 if int(os.environ.get("MOE_JAX_NUM_PROCESSES", "1")) > 1:
   part.initialize_distributed()
 
+import flax.linen  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -31,9 +32,14 @@ tokens = rng.integers(1, lm.module.vocab_size, size=(3, 8, 16)).astype(np.int32)
 part.validate(lm.module, mesh, rules, batch_size=8)
 variables = part.init_sharded(lm.module, mesh, rules, jnp.asarray(tokens[0]),
                               rng=jax.random.PRNGKey(1))
+var_shardings = part.logical_shardings(variables, mesh, rules)
+variables = flax.linen.meta.unbox(variables)
 optimizer = optax.adamw(1e-2)
+create = lambda v: ts.TrainState.create(v, optimizer)
+shardings = part.train_state_shardings(jax.eval_shape(create, variables), var_shardings, mesh)
 with part.activate(mesh, rules):
-  state = jax.jit(lambda v: ts.TrainState.create(v, optimizer))(variables)
+  # The optimizer state is created directly in its shardings, like the parameters.
+  state = jax.jit(create, out_shardings=shardings)(variables)
   step = jax.jit(lambda s, b: ts.train_step(lm, optimizer, s, b, jax.random.PRNGKey(2)))
   rows = part.host_batch_rows(mesh, rules, 8)
   losses = []
