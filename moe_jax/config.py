@@ -53,7 +53,19 @@ def _configured_model(model=gin.REQUIRED):
   return model
 
 
+@gin.configurable(module="moe_jax.config")
+def _configured_rules(rules=gin.REQUIRED):
+  return rules
+
+
 def load_model(files: Sequence[str], bindings: Sequence[str] = ()):
   """Parses gin and builds the model the files bind to `MODEL` (a `DecoderOnlyLM`)."""
-  parse_gin(files, list(bindings) + ["moe_jax.config._configured_model.model = %MODEL"])
+  parse_gin(files, list(bindings) + ["moe_jax.config._configured_model.model = %MODEL",
+                                     "moe_jax.config._configured_rules.rules = "
+                                     "%PARTITIONING_RULES"])
   return _configured_model()
+
+
+def configured_rules():
+  """The logical axis rules the files given to `load_model` bind to `PARTITIONING_RULES`."""
+  return tuple(tuple(rule) for rule in _configured_rules())

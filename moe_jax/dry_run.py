@@ -27,7 +27,8 @@ def _parse(argv):
   parser.add_argument("--batch", type=int, default=0, help="global batch (default: one "
                       "sequence per device on the batch axes)")
   parser.add_argument("--seq_len", type=int, default=2048)
-  parser.add_argument("--fsdp", action="store_true", help="also split weights over `data`")
+  parser.add_argument("--fsdp", default=None, action=argparse.BooleanOptionalAction,
+                      help="also split weights over `data` (default: the preset's FSDP)")
   parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
   args = parser.parse_args(rest)
   if not files:
@@ -76,7 +77,9 @@ def main(argv=None):
   lm = config.load_model(files, bindings)
   module = lm.module
   mesh = part.make_mesh(**sizes)
-  rules = part.standard_rules(fsdp=args.fsdp)
+  rules = (config.configured_rules() if args.fsdp is None
+           else part.standard_rules(fsdp=args.fsdp))
+  fsdp = dict(rules).get("embed") is not None
   batch_size = args.batch or part.batch_axes_size(mesh, rules)
   part.validate(module, mesh, rules, batch_size)
   optimizer = optax.adafactor(1e-3) if args.optimizer == "adafactor" else optax.adamw(1e-4)
@@ -110,7 +113,7 @@ def main(argv=None):
   gib = lambda n: f"{n / 2**30:.3f} GiB"
   mem = compiled.memory_analysis()
   print(f"preset {' '.join(files)}; mesh {dict(mesh.shape)} ({num_devices} devices); batch "
-        f"{batch_size} x {args.seq_len}; {args.optimizer}; fsdp={args.fsdp}; "
+        f"{batch_size} x {args.seq_len}; {args.optimizer}; fsdp={fsdp}; "
         f"compiled in {seconds:.0f} s")
   print(f"per device: params {gib(per_device_bytes(abstract_state.params, state_shardings.params))}"
         f", optimizer {gib(per_device_bytes(abstract_state.opt_state, opt_shardings))}")

@@ -37,6 +37,18 @@ def hf_greedy(model, ids, n):
   return out[:, ids.shape[1]:].numpy()
 
 
+def assert_same_as_transformers(name, module, params, theirs, ids, capsys, new_tokens=8):
+  """Logits within 1e-4 (the max difference is printed) and the same greedy continuation."""
+  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
+  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
+  with capsys.disabled():
+    print(f"\n{name}: max |logits − transformers| = {diff:.2e}")
+  assert diff <= 1e-4
+  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids),
+                             max_new_tokens=new_tokens)
+  np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, new_tokens))
+
+
 def tiny_mixtral(tmp_path):
   """A random MixtralForCausalLM with the dimensions of our mixtral_8x7b_tiny preset."""
   cfg = transformers.MixtralConfig(
@@ -60,14 +72,7 @@ def test_mixtral_import_into_the_preset_matches_transformers(tmp_path, capsys):
   _, params = hf.import_checkpoint(str(tmp_path / "hf"), module, shardings)
   wi = params["layers"]["block_0"]["moe"]["experts"]["wi"]
   assert wi.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model", None, None))
-  ids = text_ids(512)
-  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
-  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
-  with capsys.disabled():
-    print(f"\nmixtral: max |logits − transformers| = {diff:.2e}")
-  assert diff <= 1e-4
-  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids), max_new_tokens=8)
-  np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, 8))
+  assert_same_as_transformers("mixtral", module, params, theirs, text_ids(512), capsys)
 
 
 def test_mixtral_export_round_trip(tmp_path):
@@ -93,14 +98,7 @@ def test_qwen2_moe_with_shared_experts_matches_transformers(tmp_path, capsys):
   theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
   module, params = hf.import_checkpoint(str(tmp_path / "hf"))
   assert module.moe_ids == (0, 2) and module.shared_expert_gate and module.qkv_bias
-  ids = text_ids(300)
-  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
-  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
-  with capsys.disabled():
-    print(f"\nqwen2_moe: max |logits − transformers| = {diff:.2e}")
-  assert diff <= 1e-4
-  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids), max_new_tokens=6)
-  np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, 6))
+  assert_same_as_transformers("qwen2_moe", module, params, theirs, text_ids(300), capsys)
 
 
 def test_shape_mismatch_is_a_clear_error(tmp_path):

@@ -143,3 +143,25 @@ def test_bad_layouts_fail_before_compiling():
   layer = MoeLayer(TokenChoiceRouter(8, 2), 8, dispatch="dropless")
   with part.activate(mesh_of(8, 1, 1), RULES), pytest.raises(ValueError, match="dropless"):
     layer.init(jax.random.PRNGKey(0), jnp.ones((8, 4, 16)), None, True)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_every_parameter_shard_shape_follows_the_rules(fsdp):
+  """Expected shard shapes worked out from the rules table by hand, for every parameter."""
+  lm = config.load_model(["gin_configs/models/st_moe_tiny.gin"], ["NUM_EXPERTS = 8"])
+  mesh, rules = mesh_of(2, 2, 2), part.standard_rules(fsdp)
+  boxed = part.init_sharded(lm.module, mesh, rules, jnp.ones((8, 16), jnp.int32))["params"]
+  table, sizes = dict(rules), dict(mesh.shape)
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert len(leaves) > 20
+  split_somewhere = 0
+  for leaf in leaves:
+    array = leaf.value
+    expected = []
+    for dim, name in zip(array.shape, leaf.names):
+      axes = table.get(name) if name else None
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      expected.append(dim // int(np.prod([sizes[a] for a in axes])))
+    assert array.sharding.shard_shape(array.shape) == tuple(expected), leaf.names
+    split_somewhere += tuple(expected) != array.shape
+  assert split_somewhere >= (len(leaves) * 2 // 3 if fsdp else 10)

@@ -111,3 +111,12 @@ def test_bad_presets_raise_clear_errors(binding, match):
   with pytest.raises(ValueError, match=match):
     lm = load("glam_tiny", *binding.split("\n"))
     params.param_shapes(lm.module, 8)
+
+
+def test_presets_carry_their_partitioning_rules():
+  load("glam")
+  assert dict(config.configured_rules())["embed"] == "data"  # FSDP for the 1.2T preset
+  load("glam_tiny")
+  rules = dict(config.configured_rules())
+  assert rules["embed"] is None and rules["expert"] == "expert"
+  assert rules["expert_mlp"] == "model"  # 2D expert sharding
