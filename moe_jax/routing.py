@@ -417,7 +417,11 @@ class ExpertChoiceRouter(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1)
     # Real tokens have probs in (0, 1]; padding gets -1 so it is chosen last.
     candidates = jnp.where(mask[..., None] > 0, probs, -1.0)
-    top_probs, token_index = jax.lax.top_k(jnp.swapaxes(candidates, 1, 2), capacity)  # [G,E,C]
+    # Top-C by a stable sort (ties to the lower index, as lax.top_k): GSPMD partitions a sort
+    # along the group axis, where XLA's TopK made it gather every group's scores.
+    by_expert = jnp.swapaxes(candidates, 1, 2)  # [G, E, S]
+    token_index = jnp.argsort(-by_expert, axis=-1, stable=True)[..., :capacity].astype(jnp.int32)
+    top_probs = jnp.take_along_axis(by_expert, token_index, axis=-1)  # [G, E, C]
     valid = top_probs >= 0
     # [G, S, E] 0/1: which experts picked each token (scatter: no [G, E, C, S] one-hot).
     g, e = jnp.arange(x.shape[0])[:, None, None], jnp.arange(self.num_experts)[None, :, None]

@@ -94,9 +94,11 @@ def collectives(hlo):
           for kind in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")}
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
-def test_token_exchange_is_all_to_all_without_gathering_expert_weights(dispatch):
-  layer, x, mask, params = layer_and_params(TokenChoiceRouter(8, 2), dispatch)
+@pytest.mark.parametrize("router_kind,dispatch", [("token", "gather"), ("token", "einsum"),
+                                                  ("expert", "gather")])
+def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_kind, dispatch):
+  router = TokenChoiceRouter(8, 2) if router_kind == "token" else ExpertChoiceRouter(8, 2)
+  layer, x, mask, params = layer_and_params(router, dispatch)
   mesh = mesh_of(2, 4, 1)
   grad = jax.jit(jax.grad(lambda p, x: layer_loss(layer, p, x, mask)[0]))
   with part.activate(mesh, RULES):
@@ -108,7 +110,7 @@ def test_token_exchange_is_all_to_all_without_gathering_expert_weights(dispatch)
   full_weight = re.compile(r"f32\[8,16,32\]\{[^}]*\} all-gather")
   assert not full_weight.search(hlo), "a full expert weight tensor is all-gathered"
   # Routing stays on each group's device: nothing at all is all-gathered (top-k by argmax
-  # rounds; XLA's TopK made GSPMD gather the [G, S, E] scores).
+  # rounds or a sort; XLA's TopK made GSPMD gather every group's scores).
   assert counts["all-gather"] == 0, counts
 
 
