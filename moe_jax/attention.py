@@ -15,7 +15,9 @@ Masks (`attention_mask`): causal; optionally bidirectional among the positions f
 Decoding: with `decode=True` the keys and values go into a fixed-size cache (collection
 "cache": cached_key, cached_value [B, max_length, K, D], cache_index). A call with L new
 tokens writes them at cache_index and attends over the whole cache, so one code path
-serves the prefill (L = prompt length) and every step (L = 1).
+serves the prefill (L = prompt length) and every step (L = 1). The caller keeps
+cache_index + L within the cache size (`decoding.generate` sizes it exactly); past the end,
+`dynamic_update_slice` would clamp and overwrite the last slots.
 """
 from __future__ import annotations
 
@@ -95,8 +97,12 @@ class Attention(nn.Module):
     d = self.head_dim or h // n
     x = x.astype(self.dtype)
 
+    # Fan-in is H alone: the default axes would count the heads as a receptive field.
+    qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=0, out_axis=(1, 2))
+
     def project(name, heads, axes):
-      kernel = self.param(name, nn.with_logical_partitioning(dense_init(), axes),
+      kernel = self.param(name, nn.with_logical_partitioning(qkv_init, axes),
                           (h, heads, d), jnp.float32)
       y = jnp.einsum("blh,hnd->blnd", x, kernel.astype(self.dtype))
       if self.qkv_bias:

@@ -6,9 +6,12 @@
 One jit-compiled function per (batch, prompt length, max_new_tokens, sampling settings):
 the cache has a fixed size, prompt + max_new_tokens, and the steps run in a `lax.scan`.
 MoE layers route every step as in evaluation (`deterministic=True`: the eval capacity factor,
-no noise); a decode step routes one token per sequence, which never overflows a capacity of
->= 1 slot, so cached decoding and a full forward pass agree whenever the forward pass drops
-nothing (dropless, or enough eval capacity). Expert-choice layers are not causal (an expert
+no noise). With one routing group per sequence (`group_size=None`, the presets' default), a
+decode step routes one token per group, which never overflows a capacity of >= 1 slot, so
+cached decoding and a full forward pass agree whenever the forward pass drops nothing
+(dropless, or enough eval capacity). A fixed `group_size` must divide batch × 1 at each step
+(or set `pad_groups`, which puts the whole batch's step tokens in one group). Prompts in a
+batch share one length (one cache index for all rows): left-align equal-length prompts. Expert-choice layers are not causal (an expert
 picks among all tokens of the group) and cannot decode one token at a time.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, restricted to the top_k

@@ -290,7 +290,8 @@ def make_dispatcher(name: str, grouped: bool = False):
     return GatherDispatcher(grouped)
   if name == "dropless" and grouped:
     raise ValueError(
-        "dispatch='dropless' runs on one device (or data-parallel copies of one) for now: its "
-        "ragged layout spans all groups. On a multi-device mesh use dispatch='gather' with a "
-        "capacity factor (eval_capacity_factor high enough for no drops).")
+        "dispatch='dropless' runs on a single device for now (its ragged layout spans all "
+        "groups, so no mesh of more than one device, not even data-parallel). On a mesh use "
+        "dispatch='gather' with a capacity factor (eval_capacity_factor high enough for no "
+        "drops).")
   return {"einsum": EinsumDispatcher, "dropless": DroplessDispatcher}[name]()

@@ -214,15 +214,19 @@ def default_router_init():
 def top_k_indices(scores: Array, k: int) -> Array:
   """Indices of the k largest scores along the last axis, in descending order [..., k].
 
-  The same choice as `lax.top_k` (ties go to the lower index), made by k rounds of argmax:
+  The same choice as `lax.top_k` (ties go to the lower index; only -0.0 vs +0.0, which
+  lax.top_k orders and argmax does not, can differ), made by k rounds of argmax:
   element-wise work and reductions that GSPMD keeps on each group's device, where XLA's TopK
   custom call made it all-gather the [G, S, E] scores of every group. k is small (≤ 8).
   """
-  chosen = []
+  chosen, taken = [], jnp.zeros(scores.shape, bool)
   for _ in range(k):
-    index = jnp.argmax(scores, axis=-1)
+    remaining = jnp.where(taken, -jnp.inf, scores)
+    # When only -inf scores remain, the first entry not yet taken (as lax.top_k).
+    index = jnp.where(jnp.max(remaining, axis=-1) == -jnp.inf, jnp.argmax(~taken, axis=-1),
+                      jnp.argmax(remaining, axis=-1))
     chosen.append(index)
-    scores = jnp.where(jax.nn.one_hot(index, scores.shape[-1], dtype=bool), -jnp.inf, scores)
+    taken = taken | jax.nn.one_hot(index, scores.shape[-1], dtype=bool)
   return jnp.stack(chosen, axis=-1).astype(jnp.int32)
 
 

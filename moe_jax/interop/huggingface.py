@@ -65,6 +65,10 @@ def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
   if cfg.get("sliding_window") and cfg.get("use_sliding_window", kind == "mixtral"):
     raise ValueError("sliding-window attention is not supported (sliding_window="
                      f"{cfg.get('sliding_window')}).")
+  rope = dict(cfg.get("rope_parameters") or {})
+  if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+    raise ValueError("only plain RoPE is supported, got rope_scaling="
+                     f"{cfg.get('rope_scaling')!r}, rope_parameters={rope!r}.")
   h, n = cfg["hidden_size"], cfg["num_attention_heads"]
   if kind == "mixtral":
     num_experts, expert_dim, normalize = cfg["num_local_experts"], cfg["intermediate_size"], True
