@@ -36,6 +36,11 @@ from moe_jax.moe_layer import MoeAux
 Array = jax.Array
 MOE_DENSE_FFN = ("none", "parallel", "sequential")
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical axes of the residual stream
+# Rematerialisation of each block in the backward pass: what the forward keeps.
+#   none: everything autodiff wants; full: only the block inputs (recompute the rest);
+#   dots: matmul outputs without batch dims (MaxText's "minimal"-style middle ground).
+REMAT_POLICIES = {"none": None, "full": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # RNG streams split per layer under scan (a layer's noise must differ from its neighbour's).
 RNG_STREAMS = ("params", "dropout", "jitter", "gating_noise", "routing")
 
@@ -68,10 +73,14 @@ class DecoderBlock(nn.Module):
   norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, positions, segment_ids, prefix_mask, padding_mask,
-               deterministic: bool, decode: bool) -> Tuple[Array, Optional[MoeAux]]:
+  def __call__(self, x: Array, positions, segment_ids, prefix_mask, padding_mask
+               ) -> Tuple[Array, Optional[MoeAux]]:
+    # Arrays (or None) only as call arguments, the flags as fields: nn.remat-friendly.
+    deterministic, decode = self.deterministic, self.decode
     norm = functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     h = norm(name="pre_attention_norm")(x)
@@ -112,9 +121,8 @@ class DecoderUnit(nn.Module):
   def __call__(self, x, positions, segment_ids, prefix_mask, padding_mask):
     auxes = []
     for j in range(self.period):
-      x, aux = self.block(j in self.moe_ids)(name=f"block_{j}")(
-          x, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-          padding_mask=padding_mask, deterministic=self.deterministic, decode=self.decode)
+      x, aux = self.block(j in self.moe_ids, self.deterministic, self.decode)(
+          name=f"block_{j}")(x, positions, segment_ids, prefix_mask, padding_mask)
       if aux is not None:
         auxes.append(aux)
     return x, tuple(auxes)
@@ -136,6 +144,8 @@ class Decoder(nn.Module):
     shared_expert_dim: width of the always-on shared-expert FFN (0: none); shared_expert_gate:
       scale it by σ(h w) (Qwen2-MoE).
     scan_layers: stack the layers with nn.scan (one compiled unit of moe_every blocks).
+    remat_policy: "none", "full" or "dots": recompute each block's activations in the
+      backward pass instead of keeping them (REMAT_POLICIES).
   """
   vocab_size: int
   num_layers: int
@@ -161,8 +171,12 @@ class Decoder(nn.Module):
   shared_expert_dim: int = 0
   shared_expert_gate: bool = False
   scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got "
+                       f"{self.remat_policy!r}.")
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
     if self.head_dim is None and self.d_model % self.num_heads:
@@ -196,7 +210,8 @@ class Decoder(nn.Module):
     return moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
                          self.moe_layer_indices)
 
-  def _block(self, sparse: bool) -> Callable[..., nn.Module]:
+  def _block(self, sparse: bool, deterministic: bool, decode: bool
+             ) -> Callable[..., nn.Module]:
     attention = functools.partial(
         Attention, self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta,
         self.qkv_bias, self.attention_dropout_rate, self.dtype)
@@ -209,9 +224,13 @@ class Decoder(nn.Module):
       shared = functools.partial(MlpBlock, self.shared_expert_dim, self.activation,
                                  self.dropout_rate, self.dtype)
     moe = functools.partial(self.moe_layer, dtype=self.dtype) if sparse else None
+    block = DecoderBlock
+    if self.remat_policy != "none" and not decode:
+      block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat_policy],
+                       prevent_cse=not self.scan_layers)
     return functools.partial(
-        DecoderBlock, attention, mlp, moe, self.moe_dense_ffn, shared, self.shared_expert_gate,
-        self.norm_epsilon, self.dropout_rate, self.dtype)
+        block, attention, mlp, moe, self.moe_dense_ffn, shared, self.shared_expert_gate,
+        self.norm_epsilon, self.dropout_rate, self.dtype, deterministic, decode)
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
@@ -250,9 +269,8 @@ class Decoder(nn.Module):
     else:
       auxes = []
       for i in range(self.num_layers):
-        x, aux = self._block(i in moe_ids)(name=f"layers_{i}")(
-            x, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-            padding_mask=padding_mask, deterministic=deterministic, decode=decode)
+        x, aux = self._block(i in moe_ids, deterministic, decode)(name=f"layers_{i}")(
+            x, positions, segment_ids, prefix_mask, padding_mask)
         if aux is not None:
           auxes.append(aux)
       stats = _stack_aux(auxes, stacked=False)

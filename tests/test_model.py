@@ -283,3 +283,20 @@ def test_bfloat16_activations_keep_float32_params_and_router():
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
   flat = flax.traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
   assert flat["layers_1/moe/router/logits/kernel"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scan,policy", [(False, "full"), (True, "dots")])
+def test_remat_changes_memory_not_results(scan, policy):
+  plain, remat = tiny(scan_layers=scan), tiny(scan_layers=scan, remat_policy=policy)
+  toks = tokens()
+  lm_plain, lm_remat = DecoderOnlyLM(plain), DecoderOnlyLM(remat)
+  batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
+  variables = init(plain, toks)
+  grad = lambda lm: jax.jit(jax.value_and_grad(
+      lambda v: lm.loss(v, batch, deterministic=True)[0]))(variables)
+  (l1, g1), (l2, g2) = grad(lm_plain), grad(lm_remat)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    tiny(remat_policy="some")
