@@ -30,12 +30,16 @@ from moe_jax.routing import ExpertChoiceRouter
 Array = jax.Array
 
 
-def sample_logits(rng: Array, logits: Array, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Array:
-  """Token ids [B] from logits [B, V] (module docstring for the settings)."""
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
   if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f"need temperature >= 0 (got {temperature}), top_k >= 0 (got {top_k}) "
                      f"and top_p in (0, 1] (got {top_p}).")
+
+
+def sample_logits(rng: Array, logits: Array, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+  """Token ids [B] from logits [B, V] (module docstring for the settings)."""
+  _check_sampling(temperature, top_k, top_p)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1)
   logits = logits.astype(jnp.float32) / temperature
@@ -110,7 +114,7 @@ def generate(module, variables: Mapping[str, Any], prompt: Array, *, max_new_tok
   _check_decodable(module)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  sample_logits(jax.random.PRNGKey(0), jnp.zeros((1, 2)), temperature, top_k, top_p)  # checks
+  _check_sampling(temperature, top_k, top_p)
   variables = {k: v for k, v in variables.items() if k != "cache"}
   rng = jax.random.PRNGKey(0) if rng is None else rng
   return _generate(module, variables, jnp.asarray(prompt, jnp.int32), prefix_mask, rng,

@@ -80,7 +80,7 @@ def main(argv=None):
   rules = (config.configured_rules() if args.fsdp is None
            else part.standard_rules(fsdp=args.fsdp))
   fsdp = dict(rules).get("embed") is not None
-  batch_size = args.batch or part.batch_axes_size(mesh, rules)
+  batch_size = args.batch or part.logical_axis_size(mesh, rules, "batch")
   part.validate(module, mesh, rules, batch_size)
   optimizer = optax.adafactor(1e-3) if args.optimizer == "adafactor" else optax.adamw(1e-4)
 

@@ -192,15 +192,14 @@ class Decoder(nn.Module):
     if self.moe_layer_indices is not None:  # gin gives lists; modules must stay hashable
       object.__setattr__(self, "moe_layer_indices", tuple(self.moe_layer_indices))
     if self.moe_layer is not None:
-      ids = moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
-                          self.moe_layer_indices)
+      moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
+                    self.moe_layer_indices)  # validates the placement settings
       if self.scan_layers and (self.moe_layer_indices is not None
                                or self.num_layers % self.moe_every):
         raise ValueError(
             "scan_layers needs a periodic placement: moe_every dividing num_layers "
             f"(got num_layers={self.num_layers}, moe_every={self.moe_every}) and no "
             f"moe_layer_indices (got {self.moe_layer_indices}); or set scan_layers=False.")
-      del ids
     super().__post_init__()
 
   @property

@@ -167,28 +167,22 @@ def train_state_shardings(abstract_state, variable_shardings, mesh: Mesh):
       extra={k: variable_shardings[k] for k in abstract_state.extra})
 
 
-def expert_axis_size(mesh: Mesh, rules: Rules) -> int:
-  """Devices the expert dimension is split over under `rules`."""
-  axes = dict(rules).get("expert")
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
-  axes = dict(rules).get("batch")
+def logical_axis_size(mesh: Mesh, rules: Rules, name: str) -> int:
+  """Devices a logical axis (e.g. "batch", "expert") is split over under `rules`."""
+  axes = dict(rules).get(name)
   axes = (axes,) if isinstance(axes, str) else (axes or ())
   return math.prod(mesh.shape[a] for a in axes)
 
 
 def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
   """Errors before compilation: experts vs the expert axis, batch vs the batch axes."""
-  split = batch_axes_size(mesh, rules)
+  split = logical_axis_size(mesh, rules, "batch")
   if batch_size % split:
     raise ValueError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
                      f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
   if getattr(module, "moe_layer", None) is not None:
     num_experts = module.moe_layer().num_experts
-    e = expert_axis_size(mesh, rules)
+    e = logical_axis_size(mesh, rules, "expert")
     if num_experts % e:
       raise ValueError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
                        f"({e} devices); choose a multiple of {e} experts or a smaller axis.")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe_jax import config, partitioning as part
+from moe_jax.dry_run import collective_counts
 from moe_jax.moe_layer import MoeLayer
 from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
 
@@ -89,11 +90,6 @@ def test_shard_shapes_follow_the_rules():
   assert shard(p["router"]["logits"]["kernel"]) == (16, 8)  # tiny: replicated
 
 
-def collectives(hlo):
-  return {kind: len(re.findall(rf"\b{kind}(-start)?\(", hlo))
-          for kind in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")}
-
-
 @pytest.mark.parametrize("router_kind,dispatch", [("token", "gather"), ("token", "einsum"),
                                                   ("expert", "gather")])
 def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_kind, dispatch):
@@ -105,7 +101,7 @@ def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_ki
     p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
     xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(part.BATCH_AXES)))
     hlo = grad.lower(p, xs).compile().as_text()
-  counts = collectives(hlo)
+  counts = collective_counts(hlo)
   assert counts["all-to-all"] >= 2, counts  # to the experts and back (and in the backward)
   full_weight = re.compile(r"f32\[8,16,32\]\{[^}]*\} all-gather")
   assert not full_weight.search(hlo), "a full expert weight tensor is all-gathered"
