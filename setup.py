@@ -16,11 +16,15 @@ CORE = [
 # torch is pinned exactly: 2.13.0 is the CPU wheel these machines carry, where a range would
 # pull the newest CUDA build (several GB).
 INTEROP = ["safetensors>=0.8", "transformers>=5.24", "torch==2.13.0"]
+# The data side (tasks/) only; the core never imports these. seqio pulls tensorflow-text and
+# with it TensorFlow (CPU is enough: tf.data only). rdata and pysword read two corpus sources
+# (an R data file, SWORD Bible modules).
+DATA = ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "sentencepiece>=0.2.1", "rdata>=1.0",
+        "pysword>=0.2.8"]
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP,
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP + DATA,
     "interop": INTEROP,
-    # The data side (tasks/) only; the core never imports these.
-    "data": ["seqio", "tensorflow-datasets", "sentencepiece"],
+    "data": DATA,
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
@@ -30,7 +34,8 @@ setuptools.setup(
     description="Sparse Mixture-of-Experts language models in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
+    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*", "tasks", "tasks.*"]),
+    package_data={"tasks": ["vocab/*.model"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
