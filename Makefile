@@ -12,6 +12,8 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# The local corpus's Debian packages (as root; otherwise prints the apt-get command).
+	$(PY) -m tasks.corpus.build --install --list
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,7 +20,8 @@ INTEROP = ["safetensors>=0.8", "transformers>=5.24", "torch==2.13.0"]
 # with it TensorFlow (CPU is enough: tf.data only). rdata and pysword read two corpus sources
 # (an R data file, SWORD Bible modules).
 DATA = ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "sentencepiece>=0.2.1", "rdata>=1.0",
-        "pysword>=0.2.8"]
+        "pysword>=0.2.8",
+        "importlib_resources>=6.0"]  # tfds reads its own package files with it
 EXTRAS = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP + DATA,
     "interop": INTEROP,
@@ -35,7 +36,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*", "tasks", "tasks.*"]),
-    package_data={"tasks": ["vocab/*.model"]},
+    package_data={"tasks": ["vocabularies/*.model"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

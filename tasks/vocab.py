@@ -19,7 +19,7 @@ from typing import Sequence
 
 import seqio
 
-VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
+VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocabularies")
 EXTRA_IDS = 384
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 # Vocabulary name → (SentencePiece model file, pieces). 32k for the default presets, 8k for

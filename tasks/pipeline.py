@@ -1,0 +1,93 @@
+"""From a task or mixture name to packed decoder-only batches (numpy), deterministically.
+
+    ds = pipeline.get_dataset("local_ul2", sequence_length=512, batch_size=16, seed=0,
+                              shard_index=jax.process_index(), shard_count=jax.process_count())
+    batch = next(ds.as_numpy_iterator())   # decoder_target_tokens [16, 512], ...
+
+Training (`split="train"`) repeats forever; evaluation (`num_epochs=1`) reads a split once.
+The same seed and shard give the same batches on every run: seqio's per-example seeds come
+from `seed`, the shuffle buffers and the mixture sampling are seeded, and each host reads its
+own files of the TFDS dataset (the local corpus is written in `NUM_FILE_SHARDS` files so up
+to that many hosts can share it).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tasks import feature_converter as feature_converter_lib
+from tasks import packing
+from tasks import registry  # pylint: disable=unused-import  (registers the tasks)
+
+NUM_FILE_SHARDS = 16
+
+
+def prepare_corpus(config: str = "small", data_dir: Optional[str] = None) -> str:
+  """Builds `moe_jax_corpus/<config>` once (under a file lock: parallel test workers and hosts
+  on a shared disk build it once), in NUM_FILE_SHARDS files per split. Returns its data dir."""
+  data_dir = os.path.expanduser(data_dir or registry.TFDS_DATA_DIR
+                                or tfds.core.constants.DATA_DIR)
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".moe_jax_corpus_{config}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = tfds.builder(f"moe_jax_corpus/{config}", data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, num_shards=NUM_FILE_SHARDS))
+  return data_dir
+
+
+def _corpus_configs(name: str):
+  """The local-corpus configs a task or mixture reads (to build them first)."""
+  provider = seqio.get_mixture_or_task(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  configs = set()
+  for task in tasks:
+    tfds_name = getattr(task.source, "tfds_dataset", None)
+    if tfds_name is not None and tfds_name.name.startswith("moe_jax_corpus/"):
+      configs.add(tfds_name.name.split("/")[1].split(":")[0])
+  return configs
+
+
+def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
+                split: str = "train", seed: Optional[int] = 0, shard_index: int = 0,
+                shard_count: int = 1, num_epochs: Optional[int] = None, pack: bool = True,
+                shuffle: bool = True) -> tf.data.Dataset:
+  """Batches of decoder-only features (`tasks/packing.py`), [batch_size, sequence_length].
+
+  pack=True packs by best-fit decreasing (`tasks.packing`); pack=False pads one example per
+  row with seqio's converter.
+  """
+  for config in _corpus_configs(mixture_or_task):
+    prepare_corpus(config)
+  shard_info = (seqio.ShardInfo(index=shard_index, num_shards=shard_count)
+                if shard_count > 1 else None)
+  lengths = feature_converter_lib.decoder_lengths(sequence_length)
+  ds = seqio.get_mixture_or_task(mixture_or_task).get_dataset(
+      lengths, split=split, shuffle=shuffle, num_epochs=num_epochs, seed=seed,
+      shard_info=shard_info, use_cached=False)
+  if pack:
+    ds = packing.pack(ds, sequence_length)
+  else:
+    ds = feature_converter_lib.DecoderOnlyFeatureConverter(pack=False)(ds, lengths)
+  return ds.batch(batch_size, drop_remainder=split == "train").prefetch(tf.data.AUTOTUNE)
+
+
+def packing_stats(batches) -> Dict[str, float]:
+  """Fractions of non-padding and of loss-bearing tokens over an iterable of numpy batches."""
+  total = tokens = loss = examples = 0
+  for batch in batches:
+    total += batch["decoder_target_tokens"].size
+    tokens += int(np.sum(batch["decoder_target_tokens"] != 0))
+    loss += int(np.sum(batch["decoder_loss_weights"]))
+    if "decoder_segment_ids" in batch:
+      examples += int(sum(len(np.unique(row[row > 0])) for row in batch["decoder_segment_ids"]))
+  return {"non_padding_fraction": tokens / max(total, 1),
+          "loss_token_fraction": loss / max(total, 1),
+          "examples_per_sequence": examples / max(total, 1)
+          * batch["decoder_target_tokens"].shape[-1] if total else 0.0}

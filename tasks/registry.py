@@ -1,0 +1,126 @@
+"""seqio Tasks and Mixtures: the local corpus for everyone, TFDS corpora for pod users.
+
+Importing this module registers everything (t5x's MIXTURE_OR_TASK_MODULE is `tasks.registry`).
+
+Names. Local corpus (`moe_jax_corpus/small`), per domain and objective:
+`local_{code,english,multilingual}_{objective}` with objective one of
+`preprocessors.OBJECTIVES` (lm, span_corruption, s, r3, r8, x3, x8, x64, x64_15); with the
+tiny presets' 8k vocabulary the same names end in `_8k`; over `moe_jax_corpus/full` they start
+with `local_full_`. Mixtures:
+- `local_ul2`: OpenMoE's UL2 (S 50%, R3/R8/X3/X8/X64 10% each) × domain rates heavy on code
+  (OpenMoE-like: code 50%, English 40%, other languages 10%);
+- `local_ul2_original`: the original UL2 denoisers (seven, equal rates) × the same domains;
+- `local_lm`, `local_span_corruption`: one objective × the same domains;
+- `local_{domain}_ul2`: one domain, OpenMoE's UL2.
+Pod corpora (defined for real, tested with TFDS mock data here): `c4_en_{objective}`,
+`wikipedia_en_{objective}`, `wiki40b_en_{objective}`, `pg19_{objective}`, and `pod_ul2`.
+The Stack and RedPajama have no TFDS builder; register yours with `register_objectives`.
+
+Evaluation is per task over its validation split (`get_dataset(split="validation",
+num_epochs=1)`); training mixtures repeat forever (`tasks.pipeline` asks for num_epochs=None).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, Mapping, Optional
+
+import seqio
+from tensorflow_datasets.core.utils import gcs_utils
+
+from tasks import preprocessors
+from tasks import vocab as vocab_lib
+from tasks.corpus import builder as corpus_builder  # registers moe_jax_corpus with TFDS
+
+# Everything runs offline: TFDS must never try the public GCS bucket (it is the default off
+# switch in tfds 4.9.10; set here so a future default cannot reach the network).
+gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+
+# Examples shuffled after preprocessing, per task. seqio's default (1000) makes a mixture of 18
+# tasks preprocess ~9M tokens before its first batch (24 s here); documents are already in
+# random order (TFDS writes them shuffled and reads its files shuffled), so the buffer only has
+# to spread the chunks of one long document.
+SHUFFLE_BUFFER_SIZE = 128
+DOMAIN_RATES = {"code": 0.5, "english": 0.4, "multilingual": 0.1}
+TFDS_DATA_DIR = os.environ.get("MOE_JAX_TFDS_DIR")  # None: TFDS's default (TFDS_DATA_DIR)
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
+  # EOS is added by the objectives themselves (tasks/denoisers.py), never by seqio.
+  return {"inputs": seqio.Feature(vocabulary, add_eos=False, required=False),
+          "targets": seqio.Feature(vocabulary, add_eos=False)}
+
+
+def register_objectives(prefix: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
+                        domain: Optional[str] = None, text_key: str = "text",
+                        suffix: str = "") -> None:
+  """Registers `{prefix}_{objective}{suffix}` for every objective over `source`."""
+  for name, denoiser in preprocessors.OBJECTIVES.items():
+    steps = []
+    if domain is not None:
+      steps.append(functools.partial(preprocessors.filter_domain, domain=domain))
+    steps += [
+        functools.partial(seqio.preprocessors.rekey, key_map={"text": text_key}),
+        preprocessors.text_to_targets,
+        seqio.preprocessors.tokenize,
+        functools.partial(preprocessors.denoise, denoiser=denoiser),
+    ]
+    seqio.TaskRegistry.add(f"{prefix}_{name}{suffix}", source=source, preprocessors=steps,
+                           output_features=output_features(vocabulary), metric_fns=[],
+                           shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+
+
+def register_mixture(name: str, prefixes: Mapping[str, float],
+                     objectives: Mapping[str, float], suffix: str = "") -> None:
+  """`name` = Σ prefix_rate × objective_rate over the `{prefix}_{objective}{suffix}` tasks."""
+  seqio.MixtureRegistry.add(name, [(f"{p}_{o}{suffix}", p_rate * o_rate)
+                                   for p, p_rate in prefixes.items()
+                                   for o, o_rate in objectives.items()])
+
+
+def register_local(corpus_config: str = "small", vocabulary: str = "spm32k",
+                   name_prefix: str = "local", suffix: str = "") -> None:
+  source = seqio.TfdsDataSource(tfds_name=f"moe_jax_corpus/{corpus_config}:1.0.0",
+                                tfds_data_dir=TFDS_DATA_DIR)
+  vocab = vocab_lib.get_vocabulary(vocabulary)
+  domains = {f"{name_prefix}_{d}": rate for d, rate in DOMAIN_RATES.items()}
+  for domain in DOMAIN_RATES:
+    register_objectives(f"{name_prefix}_{domain}", source, vocab, domain=domain, suffix=suffix)
+    register_mixture(f"{name_prefix}_{domain}_ul2{suffix}", {f"{name_prefix}_{domain}": 1.0},
+                     preprocessors.UL2_OPENMOE, suffix)
+  for mixture, objectives in {"ul2": preprocessors.UL2_OPENMOE,
+                              "ul2_original": preprocessors.UL2_ORIGINAL,
+                              "lm": {"lm": 1.0},
+                              "span_corruption": {"span_corruption": 1.0}}.items():
+    register_mixture(f"{name_prefix}_{mixture}{suffix}", domains, objectives, suffix)
+
+
+# TFDS name → (task prefix, text feature). Versions are the TFDS catalog's current ones.
+POD_SOURCES = {
+    "c4/en:3.1.0": ("c4_en", "text"),
+    "wikipedia/20230601.en:1.0.0": ("wikipedia_en", "text"),
+    "wiki40b/en:1.3.0": ("wiki40b_en", "text"),
+    "pg19:0.1.1": ("pg19", "book_text"),
+}
+
+
+def register_pod(vocabulary: str = "spm32k") -> None:
+  vocab = vocab_lib.get_vocabulary(vocabulary)
+  for tfds_name, (prefix, text_key) in POD_SOURCES.items():
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=TFDS_DATA_DIR)
+    register_objectives(prefix, source, vocab, text_key=text_key)
+  register_mixture("pod_ul2", {"c4_en": 0.6, "wikipedia_en": 0.3, "pg19": 0.1},
+                   preprocessors.UL2_OPENMOE)
+
+
+def _register_all() -> None:
+  if "local_ul2" in seqio.MixtureRegistry.names():
+    return  # imported twice (e.g. as a script and a module)
+  register_local()
+  register_local(vocabulary="spm8k", suffix="_8k")
+  register_local(corpus_config="full", name_prefix="local_full")
+  register_pod()
+
+
+_register_all()
+del corpus_builder
