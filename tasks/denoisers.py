@@ -20,8 +20,14 @@ UL2 (Tay et al. 2022) are span corruption or prefix LM plus a mode token:
 So |inputs| + |targets| = n + 2k + 2 (with a mode token): `chunk_length` inverts this, so that
 chunks of that length never exceed the packed sequence — the length budget includes the mode
 token and every sentinel (OpenMoE prepended its mode token after budgeting and trimmed the last
-sentinel). Rounding is done in float64 here and in `num_noise_spans`, so the graph and the
-Python budget agree exactly (float32 rounds 10 · 0.15 up, float64 down).
+sentinel). Prefix LM: inputs = [mode] tokens[:k], targets = tokens[k:], k ~ Uniform{1..n−1};
+no EOS is added, since chunks are cut from a stream of documents that already carry their EOS
+(`tasks/preprocessors.py`), and an EOS at an arbitrary cut would teach the model to stop there.
+
+Rounding: n · r and num_noise / μ are rounded half-to-even in float64, in the graph and in the
+Python budget alike, so both agree exactly. (T5 computes in float32, which differs at a few
+lengths: n = 30, r = 0.15 gives 5 noise tokens there, 4 here; `num_spans <= n − num_noise` is
+our guard for μ near 1, where T5 would fail.)
 """
 from __future__ import annotations
 
@@ -81,7 +87,9 @@ class Denoiser:
     """|inputs| + |targets| for a chunk of n tokens."""
     extra = int(self.mode_token is not None)
     if self.is_causal_lm:
-      return n  # the document's EOS is part of its tokens (appended before chunking)
+      return n  # documents' EOS are part of the stream the chunks are cut from
+    if self.prefix_lm:
+      return n + extra
     return n + 2 * self.num_spans(n) + extra + 1  # + EOS closing the targets
 
   def chunk_length(self, sequence_length: int) -> int:
@@ -163,15 +171,15 @@ def span_corruption(tokens: tf.Tensor, denoiser: Denoiser, seeds: tf.Tensor,
   return inputs, targets
 
 
-def prefix_lm(tokens: tf.Tensor, seed: tf.Tensor, mode_id: Optional[int],
-              eos_id: int = EOS_ID) -> Tuple[tf.Tensor, tf.Tensor]:
+def prefix_lm(tokens: tf.Tensor, seed: tf.Tensor,
+              mode_id: Optional[int]) -> Tuple[tf.Tensor, tf.Tensor]:
   """(inputs, targets): split at k ~ Uniform{1, …, n−1}; inputs = [mode] tokens[:k]."""
   length = tf.size(tokens)
   split = tf.random.stateless_uniform([], seed=seed, minval=1, maxval=length, dtype=tf.int32)
   inputs = tokens[:split]
   if mode_id is not None:
     inputs = tf.concat([[mode_id], inputs], axis=0)
-  return inputs, tf.concat([tokens[split:], [eos_id]], axis=0)
+  return inputs, tokens[split:]
 
 
 def split_into_chunks(tokens: tf.Tensor, chunk_length: int) -> tf.RaggedTensor:

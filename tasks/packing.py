@@ -19,6 +19,8 @@ against `tasks.feature_converter.DecoderOnlyFeatureConverter(pack=False)`):
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -48,6 +50,11 @@ def _pack_window(values, row_splits, inputs_lengths, length):
   """numpy: a window of examples (ragged token rows) → [num_rows, length] per feature."""
   lengths = np.diff(row_splits)
   rows = best_fit_decreasing(lengths, int(length))
+  # BFD emits rows longest-first; batches must not be sorted by length (a batch of only
+  # full chunks, then one of only short documents). The permutation's seed is the window's
+  # content, so the order stays deterministic.
+  order = np.random.default_rng(zlib.crc32(values.tobytes())).permutation(len(rows))
+  rows = [rows[i] for i in order]
   out = {name: np.zeros((len(rows), length), np.int32) for name in FEATURES}
   for r, items in enumerate(rows):
     start = 0

@@ -7,8 +7,8 @@
 Training (`split="train"`) repeats forever; evaluation (`num_epochs=1`) reads a split once.
 The same seed and shard give the same batches on every run: seqio's per-example seeds come
 from `seed`, the shuffle buffers and the mixture sampling are seeded, and each host reads its
-own files of the TFDS dataset (the local corpus is written in `NUM_FILE_SHARDS` files so up
-to that many hosts can share it).
+own files of the TFDS dataset (the local corpus is written in
+`tasks.corpus.builder.NUM_FILE_SHARDS` files so up to that many hosts can share it).
 """
 from __future__ import annotations
 
@@ -24,21 +24,17 @@ import tensorflow_datasets as tfds
 from tasks import feature_converter as feature_converter_lib
 from tasks import packing
 from tasks import registry  # pylint: disable=unused-import  (registers the tasks)
-
-NUM_FILE_SHARDS = 16
-
+from tasks.corpus import builder as corpus_builder
 
 def prepare_corpus(config: str = "small", data_dir: Optional[str] = None) -> str:
   """Builds `moe_jax_corpus/<config>` once (under a file lock: parallel test workers and hosts
-  on a shared disk build it once), in NUM_FILE_SHARDS files per split. Returns its data dir."""
+  on a shared disk build it once). Returns its data dir."""
   data_dir = os.path.expanduser(data_dir or registry.TFDS_DATA_DIR
                                 or tfds.core.constants.DATA_DIR)
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, f".moe_jax_corpus_{config}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    builder = tfds.builder(f"moe_jax_corpus/{config}", data_dir=data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False, num_shards=NUM_FILE_SHARDS))
+    corpus_builder.prepare(config, data_dir)
   return data_dir
 
 
@@ -56,19 +52,31 @@ def _corpus_configs(name: str):
 
 def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
                 split: str = "train", seed: Optional[int] = 0, shard_index: int = 0,
-                shard_count: int = 1, num_epochs: Optional[int] = None, pack: bool = True,
+                shard_count: int = 1, num_epochs: Optional[int] = -1, pack: bool = True,
                 shuffle: bool = True) -> tf.data.Dataset:
   """Batches of decoder-only features (`tasks/packing.py`), [batch_size, sequence_length].
 
   pack=True packs by best-fit decreasing (`tasks.packing`); pack=False pads one example per
-  row with seqio's converter.
+  row with seqio's converter. num_epochs: -1 (default) repeats forever for "train" and reads
+  other splits once. Evaluation is per task: a mixture stops at its first exhausted task, so
+  a mixture on another split than "train" is refused.
   """
+  if num_epochs == -1:
+    num_epochs = None if split == "train" else 1
+  provider = seqio.get_mixture_or_task(mixture_or_task)
+  if split != "train" and isinstance(provider, seqio.Mixture):
+    raise ValueError(
+        f"{mixture_or_task!r} is a mixture; evaluate its tasks one by one on split {split!r} "
+        f"(a mixture stops when its first task runs out): {[t.name for t in provider.tasks]}")
+  if shard_count > 1 and seed is None:
+    raise ValueError("shard_count > 1 needs a seed: without one, hosts shuffle files "
+                     "differently and their shards may overlap.")
   for config in _corpus_configs(mixture_or_task):
     prepare_corpus(config)
   shard_info = (seqio.ShardInfo(index=shard_index, num_shards=shard_count)
                 if shard_count > 1 else None)
   lengths = feature_converter_lib.decoder_lengths(sequence_length)
-  ds = seqio.get_mixture_or_task(mixture_or_task).get_dataset(
+  ds = provider.get_dataset(
       lengths, split=split, shuffle=shuffle, num_epochs=num_epochs, seed=seed,
       shard_info=shard_info, use_cached=False)
   if pack:

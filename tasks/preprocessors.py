@@ -2,10 +2,13 @@
 
 Sequence lengths follow the decoder-only convention of `tasks/feature_converter.py`:
 `sequence_length["targets"]` is the length of the packed decoder sequence (inputs and targets
-concatenated). `denoise` cuts each tokenized document into chunks that fill exactly that length
-once the objective adds its mode token, sentinels and EOS: long documents are split, never
-truncated (seqio's default trims every document to the sequence length), and the later trim
-step never cuts anything.
+concatenated). As T5 does for span corruption (`reduce_concat_tokens` + `split_tokens`),
+`denoise` appends EOS to each tokenized document, concatenates groups of documents and cuts the
+stream into chunks that fill exactly that length once the objective adds its mode token,
+sentinels and EOS. So long documents are split, never truncated (seqio's default trims every
+document to the sequence length); short ones (a fortune, a dictionary entry) share a chunk, so
+an objective's spans have their nominal lengths on every domain and every example carries about
+the same number of tokens — mixture rates, which seqio applies per example, are token rates.
 """
 from __future__ import annotations
 
@@ -23,10 +26,31 @@ def filter_domain(dataset: tf.data.Dataset, domain: str) -> tf.data.Dataset:
   return dataset.filter(lambda ex: tf.equal(ex["domain"], domain))
 
 
-def text_to_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """{"text", ...} → {"targets": text}: what `seqio.preprocessors.tokenize` reads."""
-  return dataset.map(lambda ex: {"targets": ex["text"]},
+def tokenize_text(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """{"text", ...} → {"targets": token ids}, never producing a sentinel or mode id.
+
+  seqio's SentencePieceVocabulary with extra ids adds `<extra_id_N>` as pieces, so the text
+  "<extra_id_0>" (T5 code, papers about T5) would encode to sentinel 0. Text is encoded with
+  the same model without extra ids instead (those strings fall back to ordinary pieces).
+  """
+  vocab = vocab_lib.without_extra_ids(output_features["targets"].vocabulary)
+  return dataset.map(lambda ex: {"targets": vocab.encode_tf(ex["text"])},
                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def concatenate_and_chunk(dataset: tf.data.Dataset, chunk_length: int, eos_id: int,
+                          documents_per_group: int = 64) -> tf.data.Dataset:
+  """Documents (+ EOS) concatenated in groups, cut into chunks: no token dropped.
+
+  Every chunk is `chunk_length` long except the last of each group of documents.
+  """
+  dataset = dataset.map(
+      lambda ex: tf.concat([tf.cast(ex["targets"], tf.int32), [eos_id]], axis=0),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.ragged_batch(documents_per_group)
+  return dataset.flat_map(lambda group: tf.data.Dataset.from_tensor_slices(
+      denoisers_lib.split_into_chunks(group.values, chunk_length)))
 
 
 def denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
@@ -34,12 +58,17 @@ def denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
             denoiser: denoisers_lib.Denoiser) -> tf.data.Dataset:
   """Tokenized documents {"targets": [n]} → examples {"inputs", "targets"} of one objective.
 
-  Causal LM: the document's EOS is appended, then chunks of L tokens become targets (inputs
-  empty). Prefix LM and span corruption: chunks of `denoiser.chunk_length(L)` (≥ 2 tokens;
-  a 1-token tail chunk is dropped: it has nothing to split or corrupt).
+  Causal LM: chunks of L tokens become targets (inputs empty). Prefix LM and span corruption:
+  chunks of `denoiser.chunk_length(L)` (a 1-token chunk, the rare tail of a group, has
+  nothing to split or corrupt and is dropped).
   """
   vocab = output_features["targets"].vocabulary
   total_length = sequence_length["targets"]
+  if sequence_length.get("inputs", total_length) < total_length:
+    raise ValueError(
+        f"sequence_length {dict(sequence_length)}: for decoder-only tasks 'targets' is the "
+        "whole decoder sequence and 'inputs' must be at least as long (seqio would otherwise "
+        "trim the inputs and lose sentinels); use tasks.feature_converter.decoder_lengths(L).")
   chunk_length = denoiser.chunk_length(total_length)
   needed = denoiser.num_spans(chunk_length)
   if needed > vocab_lib.num_sentinels(vocab):
@@ -53,14 +82,7 @@ def denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
   eos_id = vocab.eos_id
   sentinels = tf.constant(vocab_lib.sentinel_ids(vocab)[:max(needed, 1)], tf.int32)
 
-  def chunks(ex):
-    tokens = tf.cast(ex["targets"], tf.int32)
-    if denoiser.is_causal_lm:
-      tokens = tf.concat([tokens, [eos_id]], axis=0)
-    return tf.data.Dataset.from_tensor_slices(
-        denoisers_lib.split_into_chunks(tokens, chunk_length))
-
-  dataset = dataset.flat_map(chunks)
+  dataset = concatenate_and_chunk(dataset, chunk_length, eos_id)
   if denoiser.is_causal_lm:
     return dataset.map(lambda t: {"inputs": tf.zeros([0], tf.int32), "targets": t},
                        num_parallel_calls=tf.data.AUTOTUNE)
@@ -69,7 +91,7 @@ def denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
   @seqio.map_over_dataset(num_seeds=2)
   def corrupt(tokens, seeds):
     if denoiser.prefix_lm:
-      inputs, targets = denoisers_lib.prefix_lm(tokens, seeds[0], mode_id, eos_id)
+      inputs, targets = denoisers_lib.prefix_lm(tokens, seeds[0], mode_id)
     else:
       inputs, targets = denoisers_lib.span_corruption(tokens, denoiser, seeds, sentinels,
                                                       mode_id, eos_id)

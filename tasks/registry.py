@@ -61,8 +61,7 @@ def register_objectives(prefix: str, source: seqio.DataSource, vocabulary: seqio
       steps.append(functools.partial(preprocessors.filter_domain, domain=domain))
     steps += [
         functools.partial(seqio.preprocessors.rekey, key_map={"text": text_key}),
-        preprocessors.text_to_targets,
-        seqio.preprocessors.tokenize,
+        preprocessors.tokenize_text,
         functools.partial(preprocessors.denoise, denoiser=denoiser),
     ]
     seqio.TaskRegistry.add(f"{prefix}_{name}{suffix}", source=source, preprocessors=steps,
@@ -107,7 +106,9 @@ POD_SOURCES = {
 def register_pod(vocabulary: str = "spm32k") -> None:
   vocab = vocab_lib.get_vocabulary(vocabulary)
   for tfds_name, (prefix, text_key) in POD_SOURCES.items():
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=TFDS_DATA_DIR)
+    # read_only: a wrong data dir fails fast instead of trying to build C4 from the network.
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=TFDS_DATA_DIR,
+                                  read_only=True)
     register_objectives(prefix, source, vocab, text_key=text_key)
   register_mixture("pod_ul2", {"c4_en": 0.6, "wikipedia_en": 0.3, "pg19": 0.1},
                    preprocessors.UL2_OPENMOE)

@@ -9,7 +9,9 @@ Sentinels of span corruption are extra_id_0, extra_id_1, … (T5's convention: f
 The three UL2 mode tokens are the three extra ids farthest from the sentinels (the lowest ids
 above the SentencePiece model). Neither can come out of tokenizing text: they lie outside the
 SentencePiece model's ids. `EXTRA_IDS` = 384 leaves 381 sentinels, enough for every denoiser at
-sequence length 2048 (`max_sentinels`, tested) and makes 32000 + 384 a multiple of 128.
+sequence length 2048 (`max_sentinels`, tested; X μ=3 r=0.5 needs more beyond ~3000) and
+makes 32000 + 384 a multiple of 128. Text is encoded without the extra ids
+(`preprocessors.tokenize_text`), because seqio turns `<extra_id_N>` strings into those ids.
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ def get_vocabulary(name: str = "spm32k", extra_ids: int = EXTRA_IDS) -> seqio.Vo
                      f"{sorted(VOCABULARIES) + ['bytes']}.")
   return seqio.SentencePieceVocabulary(os.path.join(VOCAB_DIR, VOCABULARIES[name]),
                                        extra_ids=extra_ids)
+
+
+def without_extra_ids(vocab: seqio.Vocabulary) -> seqio.Vocabulary:
+  """The same vocabulary without extra ids: what text is encoded with (see tokenize_text)."""
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    return seqio.SentencePieceVocabulary(vocab.sentencepiece_model_file, extra_ids=0)
+  return vocab  # ByteVocabulary never turns text into its extra ids
 
 
 def num_sentinels(vocab: seqio.Vocabulary) -> int:

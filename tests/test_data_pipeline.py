@@ -48,7 +48,9 @@ def test_corpus_splits_are_disjoint_and_cover_every_domain(corpus):
   for split in ("train", "validation"):
     assert {ex["domain"] for ex in texts[split]} == set(sources_lib.DOMAINS)
   validation_share = len(validation) / (len(train) + len(validation))
-  assert 0.005 < validation_share < 0.05
+  assert 0.005 < validation_share < 0.1
+  # Every source is in validation, with ~2% of its bytes.
+  assert {ex["source"] for ex in texts["validation"]} == {ex["source"] for ex in texts["train"]}
   total_mb = sum(len(t.encode()) for t in train | validation) / 2**20
   assert 2 < total_mb < 20, total_mb  # "a few MB"
   sources = {ex["source"] for ex in texts["train"]}
@@ -146,8 +148,13 @@ def test_task_examples_map_back_to_the_corpus(corpus):
         current.append(token)
     tokens = sum((spans[t] if t in sentinels else [t] for t in inputs), [])
     assert len(ex["inputs"]) + len(ex["targets"]) <= 128
-    piece = vocab.decode(tokens)
-    assert any(piece in text for text in validation), piece[:200]
+    # Chunks are cut from a stream of documents, each closed by EOS: every piece between
+    # EOS tokens is part of one validation document.
+    pieces = " ".join(map(str, tokens)).split(f" {vocab.eos_id} ")
+    for piece in pieces:
+      ids = [int(t) for t in piece.split() if int(t) != vocab.eos_id]
+      text = vocab.decode(ids)
+      assert any(text in doc for doc in validation), text[:200]
     checked += 1
   assert checked == 40
 
@@ -160,8 +167,10 @@ def test_pod_tasks_with_tfds_mock_data(name):
     ds = seqio.get_mixture_or_task(name).get_dataset(decoder_lengths(64), split="train",
                                                      shuffle=False, num_epochs=1)
     examples = list(ds.as_numpy_iterator())
-  assert len(examples) >= 6
-  assert all(len(ex["inputs"]) + len(ex["targets"]) <= 64 for ex in examples)
+  # Six short random documents, concatenated (each closed by EOS) into chunks of 64.
+  assert examples and all(len(ex["inputs"]) + len(ex["targets"]) <= 64 for ex in examples)
+  eos = sum(int(np.sum(ex["inputs"] == 1) + np.sum(ex["targets"] == 1)) for ex in examples)
+  assert eos >= 5  # one per document (a span-corruption target adds its own at the end)
 
 
 def test_mixture_rates():
@@ -174,3 +183,40 @@ def test_mixture_rates():
   assert len(rates) == 3 * len(preprocessors.UL2_OPENMOE)
   assert max(denoisers.max_sentinels(list(preprocessors.OBJECTIVES.values()), 2048), 0) <= \
       vocab_lib.num_sentinels(vocab_lib.get_vocabulary("spm32k"))
+
+
+def test_evaluation_reads_once_training_repeats(corpus):
+  del corpus
+  def count(limit=10_000, **kwargs):
+    ds = pipeline.get_dataset("local_multilingual_lm_8k", sequence_length=128, batch_size=8,
+                              shuffle=False, **kwargs)
+    return sum(1 for _ in zip(range(limit), ds.as_numpy_iterator()))
+  once = count(split="validation")  # default for evaluation splits: one epoch
+  assert 0 < once < 1000
+  assert count(split="validation", num_epochs=None, limit=3 * once + 1) == 3 * once + 1
+  with pytest.raises(ValueError, match="is a mixture; evaluate its tasks"):
+    pipeline.get_dataset("local_ul2_8k", 128, 8, split="validation")
+  with pytest.raises(ValueError, match="needs a seed"):
+    pipeline.get_dataset("local_ul2_8k", 128, 8, seed=None, shard_count=2)
+
+
+def test_text_never_encodes_to_sentinels():
+  """seqio maps the string "<extra_id_0>" to sentinel 0; the tasks encode text without it."""
+  vocab = vocab_lib.get_vocabulary("spm8k")
+  assert vocab_lib.sentinel_ids(vocab)[0] in vocab.encode("a <extra_id_0> b")  # seqio's own
+  features = {"targets": seqio.Feature(vocab, add_eos=False)}
+  texts = ["a <extra_id_0> b", "<extra_id_383>", "x [NLU] [S2S] <extra_id_100>"]
+  ds = preprocessors.tokenize_text(tf.data.Dataset.from_tensor_slices({"text": texts}),
+                                   features)
+  base = vocab.vocab_size - vocab.extra_ids
+  for text, ex in zip(texts, ds.as_numpy_iterator()):
+    assert ex["targets"].max() < base
+    assert vocab.decode(ex["targets"].tolist()) == text
+
+
+def test_short_inputs_length_is_refused():
+  vocab = vocab_lib.get_vocabulary("spm8k")
+  features = {k: seqio.Feature(vocab, add_eos=False) for k in ("inputs", "targets")}
+  ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant([[5, 6, 7]])})
+  with pytest.raises(ValueError, match="'inputs' must be at least as long"):
+    preprocessors.denoise(ds, {"inputs": 64, "targets": 256}, features, preprocessors.X3)

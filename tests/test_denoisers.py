@@ -126,8 +126,8 @@ def test_prefix_lm_split_uniform():
   splits = []
   for seed in range(draws):
     inputs, targets = run(preprocessors.S, list(range(3, 3 + n)), seed)
-    assert inputs[0] == vocab_lib.mode_token_id(VOCAB, "[S2S]") and targets[-1] == VOCAB.eos_id
-    assert inputs[1:].tolist() + targets[:-1].tolist() == list(range(3, 3 + n))
+    assert inputs[0] == vocab_lib.mode_token_id(VOCAB, "[S2S]")
+    assert inputs[1:].tolist() + targets.tolist() == list(range(3, 3 + n))  # no EOS added
     splits.append(len(inputs) - 1)
   splits = np.array(splits)
   assert splits.min() >= 1 and splits.max() <= n - 1
@@ -198,12 +198,16 @@ def test_documents_are_chunked_never_truncated(denoiser):
     if denoiser.is_causal_lm:
       rebuilt.extend(ex["targets"].tolist())
     elif denoiser.prefix_lm:
-      rebuilt.extend(ex["inputs"][1:].tolist() + ex["targets"][:-1].tolist())
+      rebuilt.extend(ex["inputs"][1:].tolist() + ex["targets"].tolist())
     else:
       rebuilt.extend(reconstruct(ex["inputs"], ex["targets"], denoiser)[0])
-  if denoiser.is_causal_lm:  # the EOS closes each document, once
-    expected = sum((d + [VOCAB.eos_id] for d in documents), [])
-  else:  # a 1-token tail (or document) has nothing to corrupt and is dropped
-    chunk = denoiser.chunk_length(64)
-    expected = sum((d[:len(d) - (len(d) % chunk == 1)] for d in documents), [])
-  assert rebuilt == expected
+  # Documents + EOS, concatenated (one group here), cut into chunks; only a 1-token last
+  # chunk is dropped by the objectives that need two tokens.
+  stream = sum((d + [VOCAB.eos_id] for d in documents), [])
+  chunk = denoiser.chunk_length(64)
+  if not denoiser.is_causal_lm and len(stream) % chunk == 1:
+    stream = stream[:-1]
+  assert rebuilt == stream
+  full = [ex for ex in examples[:-1]]
+  assert all(len(ex["inputs"]) + len(ex["targets"]) == denoiser.packed_length(chunk)
+             for ex in full)  # every chunk but the group's last fills the sequence

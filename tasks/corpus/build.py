@@ -48,6 +48,8 @@ def main(argv=None) -> int:
   parser.add_argument("--install", action="store_true",
                       help="Install the Debian packages first (as root).")
   parser.add_argument("--list", action="store_true", help="List the sources and exit.")
+  parser.add_argument("--markdown", action="store_true",
+                      help="After building, print the sources as a Markdown table (README).")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   if args.install:
@@ -66,7 +68,23 @@ def main(argv=None) -> int:
   print(f"moe_jax_corpus/{args.config} at {builder.data_dir} "
         f"({time.time() - start:.0f} s): " + ", ".join(
             f"{name} {split.num_examples} documents" for name, split in info.splits.items()))
+  if args.markdown:
+    print(markdown_table(info.metadata["sources"]))
   return 0
+
+
+def markdown_table(stats) -> str:
+  """Sources, packages, licenses and sizes (from the built dataset's metadata)."""
+  lines = ["| source | domain | lang | Debian package(s) | license | documents | MB |",
+           "|---|---|---|---|---|---|---|"]
+  for source in sources_lib.all_sources():
+    row = stats.get(source.name, {})
+    docs = row.get("train_documents", 0) + row.get("validation_documents", 0)
+    size = (row.get("train_bytes", 0) + row.get("validation_bytes", 0)) / 2**20
+    packages = ", ".join(f"`{p}`" for p in source.packages) or "(the running Python)"
+    lines.append(f"| `{source.name}` | {source.domain} | {source.language} | {packages} | "
+                 f"{source.license} | {docs:,} | {size:.1f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

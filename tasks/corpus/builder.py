@@ -4,9 +4,10 @@
     builder = tfds.builder("moe_jax_corpus/small", data_dir=...)
     builder.download_and_prepare()          # ~1 min for small; or `python -m tasks.corpus.build`
 
-Examples are `{"text", "domain", "topic", "source"}` (see `tasks/corpus/sources.py`). A document
-goes to validation when a hash of its *text* falls in the validation fraction, so the splits
-never share a document, and an exact duplicate (the same text in two packages) is kept once.
+Examples are `{"text", "domain", "topic", "source"}` (see `tasks/corpus/sources.py`). Exact
+duplicates (the same text in two packages) are kept once, then each source gives its documents
+with the smallest text hashes, 2% of its bytes, to validation: the splits never share a
+document and every source is in both.
 Configs: `small` caps each source at 256 KB (a few MB in all: tests, quick runs), `full` takes
 everything (hundreds of MB). Package versions (`dpkg-query -W`) and per-source document and
 byte counts are in the dataset's metadata, because Debian only keeps the current version of a
@@ -26,6 +27,7 @@ from tasks.corpus import prose_sources
 from tasks.corpus import sources as sources_lib
 
 VALIDATION_PERCENT = 2
+NUM_FILE_SHARDS = 16  # files per split: up to this many hosts read disjoint files
 
 
 @dataclasses.dataclass
@@ -33,9 +35,21 @@ class CorpusConfig(tfds.core.BuilderConfig):
   max_bytes_per_source: Optional[int] = None
 
 
-def split_of(text: str) -> str:
-  return ("validation" if sources_lib.stable_hash(text) % 100 < VALIDATION_PERCENT
-          else "train")
+def validation_keys(documents: List[Tuple[int, int]]) -> set:
+  """Per source: documents (text hash, bytes) taken in hash order until they hold
+  VALIDATION_PERCENT of the source's bytes (at least one document when there are two).
+
+  Stratified by source, so every source (Python code as much as fortunes) is evaluated; by
+  bytes, so a source of a few long files is not left with an empty validation split.
+  """
+  total = sum(size for _, size in documents)
+  chosen, held = set(), 0
+  for digest, size in sorted(documents):
+    if len(documents) < 2 or held >= total * VALIDATION_PERCENT / 100:
+      break
+    chosen.add(digest)
+    held += size
+  return chosen
 
 
 class MoeJaxCorpus(tfds.core.GeneratorBasedBuilder):
@@ -97,13 +111,17 @@ def collect(max_bytes_per_source: Optional[int]
       stats[source.name] = {"available": False}
       continue
     counts = collections.Counter()
+    documents = []
     for doc in source.documents(max_bytes_per_source):
       digest = sources_lib.stable_hash(doc.text)
       if digest in seen:
         counts["duplicates"] += 1
         continue
       seen.add(digest)
-      split = split_of(doc.text)
+      documents.append((digest, doc))
+    validation = validation_keys([(d, len(doc.text.encode("utf-8"))) for d, doc in documents])
+    for digest, doc in documents:
+      split = "validation" if digest in validation else "train"
       counts[f"{split}_documents"] += 1
       counts[f"{split}_bytes"] += len(doc.text.encode("utf-8"))
       examples[split].append((f"{source.name}/{doc.key}", {
@@ -117,8 +135,8 @@ def collect(max_bytes_per_source: Optional[int]
 def prepare(config: str = "small", data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
   """Builds the dataset if it is not there yet; returns its builder."""
   builder = tfds.builder(f"moe_jax_corpus/{config}", data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False, num_shards=NUM_FILE_SHARDS))
   return builder
 
 
