@@ -137,9 +137,13 @@ def test_task_examples_map_back_to_the_corpus(corpus):
   task = seqio.get_mixture_or_task("local_english_x8_8k")
   ds = task.get_dataset(decoder_lengths(128), split="validation", shuffle=False, seed=1,
                         num_epochs=1)
-  checked = 0
+  checked = noise = spans_seen = chunk_tokens = 0
   for ex in ds.take(40).as_numpy_iterator():
     inputs, targets = ex["inputs"][1:].tolist(), ex["targets"][:-1].tolist()
+    spans_seen += sum(t in sentinels for t in targets)
+    noise += sum(t not in sentinels for t in targets)
+    chunk_tokens += len(inputs) - sum(t in sentinels for t in inputs) + \
+        sum(t not in sentinels for t in targets)
     spans, current = {}, None
     for token in targets:
       if token in sentinels:
@@ -157,6 +161,9 @@ def test_task_examples_map_back_to_the_corpus(corpus):
       assert any(text in doc for doc in validation), text[:200]
     checked += 1
   assert checked == 40
+  # On real (concatenated) documents the objective keeps its nominal (μ, r) = (8, 0.5).
+  assert abs(noise / chunk_tokens - 0.5) < 0.01
+  assert abs(noise / spans_seen / 8 - 1) < 0.05
 
 
 @pytest.mark.parametrize("name", ["c4_en_r3", "wikipedia_en_s", "wiki40b_en_x64", "pg19_lm"])

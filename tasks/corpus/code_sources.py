@@ -13,7 +13,8 @@ import re
 import zipfile
 from typing import Iterator, List, Optional
 
-from tasks.corpus.sources import Document, Source, read_text, stable_order, take_bytes, walk_files
+from tasks.corpus.sources import (Document, Source, files_as_documents, stable_order,
+                                   take_bytes, walk_files)
 
 # --- Go: golang-1.19-src. ---------------------------------------------------------------------
 
@@ -45,13 +46,8 @@ def go_documents(max_bytes: Optional[int] = None) -> Iterator[Document]:
     return iter(())
   relative = [os.path.relpath(p, _GO_ROOT) for p in walk_files(_GO_ROOT, (".go",), _GO_SKIP_DIRS)
               if not p.endswith("_test.go")]
-
-  def read():
-    for rel in stable_order(relative):
-      text = read_text(os.path.join(_GO_ROOT, rel))
-      if not _GO_GENERATED.search(text[:1024]):
-        yield Document(key=rel, text=text, topic=_go_topic(rel))
-  return take_bytes(read(), max_bytes)
+  return files_as_documents(_GO_ROOT, relative, _go_topic, max_bytes,
+                            skip=lambda text: bool(_GO_GENERATED.search(text[:1024])))
 
 
 GO = Source(
@@ -106,13 +102,8 @@ def rust_documents(max_bytes: Optional[int] = None) -> Iterator[Document]:
         or name.endswith("_tests.rs")):
       continue
     relative.append(rel)
-
-  def read():
-    for rel in stable_order(relative):
-      text = read_text(os.path.join(root, rel))
-      if not _RUST_GENERATED.search(text[:1024]):
-        yield Document(key=rel, text=text, topic=_rust_topic(rel))
-  return take_bytes(read(), max_bytes)
+  return files_as_documents(root, relative, _rust_topic, max_bytes,
+                            skip=lambda text: bool(_RUST_GENERATED.search(text[:1024])))
 
 
 RUST = Source(

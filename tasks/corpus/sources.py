@@ -91,6 +91,19 @@ def read_text(path: str) -> str:
   return data.decode("utf-8", errors="replace")
 
 
+def files_as_documents(root: str, relative: Sequence[str], topic: Callable[[str], str],
+                       max_bytes: Optional[int],
+                       skip: Optional[Callable[[str], bool]] = None) -> Iterator[Document]:
+  """Files (paths relative to `root`) in stable order as Documents, until `max_bytes`;
+  `skip(text)` drops a file (generated code) after reading it."""
+  def read():
+    for rel in stable_order(relative):
+      text = read_text(os.path.join(root, rel))
+      if skip is None or not skip(text):
+        yield Document(key=rel, text=text, topic=topic(rel))
+  return take_bytes(read(), max_bytes)
+
+
 def walk_files(root: str, suffixes: Sequence[str], skip_dirs: Sequence[str] = ()) -> List[str]:
   """Files under `root` ending in one of `suffixes`, skipping directories named in `skip_dirs`."""
   found = []
@@ -135,11 +148,7 @@ def python_stdlib_documents(max_bytes: Optional[int] = None) -> Iterator[Documen
   paths = [p for p in walk_files(root, (".py",), _STDLIB_SKIP)
            if not os.path.basename(p).startswith("test_")]
   relative = [os.path.relpath(p, root) for p in paths]
-
-  def read():
-    for rel in stable_order(relative):
-      yield Document(key=rel, text=read_text(os.path.join(root, rel)), topic=_stdlib_topic(rel))
-  return take_bytes(read(), max_bytes)
+  return files_as_documents(root, relative, _stdlib_topic, max_bytes)
 
 
 PYTHON_STDLIB = Source(
