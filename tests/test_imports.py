@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 CORE = ["moe_jax", "moe_jax.routing", "moe_jax.dispatch", "moe_jax.experts", "moe_jax.moe_layer",
+        "moe_jax.optimizers", "moe_jax.checkpoints", "moe_jax.train_step",
         "moe_jax.attention", "moe_jax.dense", "moe_jax.model", "moe_jax.decoding",
         "moe_jax.params", "moe_jax.config", "moe_jax.interop.huggingface"]
 FORBIDDEN = ["tensorflow", "seqio", "tensorflow_datasets", "torch", "transformers", "safetensors"]

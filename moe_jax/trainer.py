@@ -1,0 +1,259 @@
+"""The training loop, t5x-style: gin-configured train / eval / checkpoint, on any mesh.
+
+Run through `moe_jax.train` (the command line; this module holds what gin configures):
+
+    python -m moe_jax.train \
+      --gin_file=gin_configs/models/switch_base_tiny.gin \
+      --gin_file=gin_configs/runs/tiny_cpu.gin \
+      --gin.MODEL_DIR="'runs/tiny'" --gin.TRAIN_STEPS=300
+
+Top to bottom, `train()`: write the gin config to MODEL_DIR → build the mesh and check the
+setup before compiling → restore the latest checkpoint (params, optimizer, step, input
+position) or initialise sharded → loop of jitted train steps on donated state → every
+`eval_every` steps evaluate each eval task on its validation split (no dropout, eval capacity
+factor) → every `checkpoint_every` steps save asynchronously → final checkpoint and summary.
+
+A resumed run continues on the same examples with the same RNG: the input pipeline is rebuilt
+with the same seed and skips the batches already consumed, and every step's RNG is the run's
+key folded with the step number.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import config as config_lib
+from moe_jax import metrics as metrics_lib
+from moe_jax import optimizers
+from moe_jax import params as params_lib
+from moe_jax import partitioning as part
+from moe_jax import train_step as ts
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient norm became NaN or infinite."""
+
+
+@gin.configurable(module="moe_jax.trainer")
+def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
+          mixture_or_task: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          sequence_length: int = 512, batch_size: int = 16, microbatches: int = 1,
+          optimizer=None, mesh: str = "data:-1", seed: int = 0,
+          eval_tasks: Sequence[str] = (), eval_every: int = 0, eval_batches: int = 20,
+          checkpoint_every: int = 100, keep_checkpoints: int = 3,
+          keep_every_steps: Optional[int] = None, init_checkpoint: Optional[str] = None,
+          log_every: int = 10, on_nonfinite: str = "stop", progress_bar: bool = True,
+          nan_at_step: Optional[int] = None) -> dict:
+  """Trains `model` (a DecoderOnlyLM) on a seqio mixture or task; returns the last metrics.
+
+  Args:
+    init_checkpoint: a checkpoint directory (with step subdirectories) whose params start a new
+      run (fine-tuning); ignored when MODEL_DIR already holds a checkpoint (resume wins).
+    on_nonfinite: "stop" (raise, naming the step; the last checkpoint stays the last good one)
+      or "skip" (the step leaves the state unchanged and training goes on).
+    nan_at_step: test hook: the batch of this step gets NaN loss weights.
+  """
+  if on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose 'stop' or 'skip'.")
+  from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    f.write(gin.config_str())
+
+  # --- mesh, rules and checks before anything compiles ---------------------------------
+  module = model.module
+  device_mesh = part.make_mesh(**part.parse_mesh(mesh))
+  rules = config_lib.configured_rules()
+  part.validate(module, device_mesh, rules, batch_size)
+  if batch_size % microbatches:
+    raise ValueError(f"microbatches={microbatches} must divide batch_size={batch_size}.")
+  tx = optimizer if optimizer is not None else optimizers.create_optimizer()
+  schedule = getattr(tx, "learning_rate_fn", None)
+  tx = getattr(tx, "tx", tx)
+
+  # --- state: restore, fine-tune from, or initialise -----------------------------------
+  tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
+  boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+  variable_shardings = part.logical_shardings(boxed, device_mesh, rules)
+  abstract_state = jax.eval_shape(lambda v: ts.TrainState.create(v, tx), nn.meta.unbox(boxed))
+  state_shardings = part.train_state_shardings(abstract_state, variable_shardings, device_mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_shardings)
+  checkpointer = checkpoints_lib.Checkpointer(
+      os.path.join(model_dir, "checkpoints"), keep_last=keep_checkpoints,
+      keep_every_steps=keep_every_steps)
+  if checkpointer.latest_step() is not None:
+    state, data = checkpointer.restore(target)
+    logging.info("Resumed from step %d (%s).", int(state.step), data)
+  else:
+    with part.activate(device_mesh, rules):
+      variables = nn.meta.unbox(part.init_sharded(module, device_mesh, rules, tokens,
+                                                  rng=jax.random.PRNGKey(seed)))
+      state = jax.jit(lambda v: ts.TrainState.create(v, tx),
+                      out_shardings=state_shardings)(variables)
+    if init_checkpoint:
+      restored, _ = checkpoints_lib.Checkpointer(init_checkpoint).restore(target)
+      state = state.replace(params=restored.params)
+      logging.info("Fine-tuning from %s (step %d).", init_checkpoint, int(restored.step))
+  start_step = int(state.step)
+
+  # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
+  rows = part.host_batch_rows(device_mesh, rules, batch_size)
+  host_batch = rows.stop - rows.start
+  dataset = pipeline.get_dataset(
+      mixture_or_task, sequence_length, host_batch, seed=seed,
+      shard_index=rows.start // host_batch, shard_count=batch_size // host_batch)
+  batches = dataset.skip(start_step).as_numpy_iterator()
+
+  # --- compiled steps ------------------------------------------------------------------
+  rng = jax.random.PRNGKey(seed)
+  step_fn = jax.jit(
+      lambda s, b: ts.train_step(model, tx, s, b, rng, microbatches=microbatches,
+                                 learning_rate_fn=schedule),
+      out_shardings=(state_shardings, None), donate_argnums=0)
+  eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))
+  train_flops = metrics_lib.train_flops_per_token(
+      params_lib.count(module, sequence_length).flops_per_token)
+  # Simulated CPU devices share the host's cores: one matmul measures the whole machine.
+  peak_flops = metrics_lib.measure_peak_flops() * (
+      1 if jax.default_backend() == "cpu" else jax.device_count())
+  writer = metrics_lib.MetricsWriter(model_dir) if jax.process_index() == 0 else None
+  progress = _progress(start_step, train_steps, progress_bar)
+
+  def evaluate(step: int) -> None:
+    for task in eval_tasks:
+      totals, tokens_seen = {}, 0.0
+      eval_data = pipeline.get_dataset(task, sequence_length, host_batch, split="validation",
+                                       seed=seed, shuffle=False, shard_index=rows.start
+                                       // host_batch, shard_count=batch_size // host_batch)
+      for batch in eval_data.take(eval_batches).as_numpy_iterator():
+        batch = _pad_rows(batch, host_batch)
+        with part.activate(device_mesh, rules):
+          out = metrics_lib.scalars(eval_fn(state.params, state.extra,
+                                            part.global_batch(batch, device_mesh, rules)))
+        n = out["num_tokens"]
+        tokens_seen += n
+        for k, v in out.items():
+          totals[k] = totals.get(k, 0.0) + v * n
+      if tokens_seen and writer is not None:
+        writer.write(step, {k: v / tokens_seen for k, v in totals.items()
+                            if k != "num_tokens"}, split=f"eval/{task}")
+
+  # --- the loop ------------------------------------------------------------------------
+  last = {}
+  step_start = time.perf_counter()
+  for step in range(start_step, train_steps):
+    batch = next(batches)
+    batch["decoder_loss_weights"] = batch["decoder_loss_weights"].astype(np.float32)
+    if nan_at_step is not None and step == nan_at_step:
+      batch["decoder_loss_weights"][:] = np.nan
+    with part.activate(device_mesh, rules):
+      state, metrics = step_fn(state, part.global_batch(batch, device_mesh, rules))
+    if bool(metrics["nonfinite"]):
+      message = (f"Non-finite loss or gradient at step {step} (loss "
+                 f"{float(metrics['loss/total'])}, grad norm {float(metrics['grad_norm'])}).")
+      if on_nonfinite == "stop":
+        checkpointer.wait()
+        raise NonFiniteError(message + f" Stopped; the last checkpoint (step "
+                             f"{checkpointer.latest_step()}) is the last good state. Set "
+                             "--gin.train.on_nonfinite=\"'skip'\" to skip such steps.")
+      logging.warning("%s Skipped (state unchanged).", message)
+    done = step + 1
+    if done % log_every == 0 or done == train_steps:
+      seconds = (time.perf_counter() - step_start) / (done - max(start_step, done - log_every))
+      last = metrics_lib.scalars(metrics)
+      tokens_per_s = batch_size * sequence_length / seconds
+      last.update({"step_time_s": seconds, "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * train_flops / peak_flops})
+      if writer is not None:
+        writer.write(done, last)
+      progress.update(done, last)
+      step_start = time.perf_counter()
+    if eval_every and eval_tasks and (done % eval_every == 0 or done == train_steps):
+      evaluate(done)
+    if done % checkpoint_every == 0 or done == train_steps:
+      checkpointer.save(done, state, {"batches_consumed": done, "seed": seed,
+                                      "mixture_or_task": mixture_or_task})
+  checkpointer.wait()
+  checkpointer.close()
+  progress.close()
+  if writer is not None:
+    writer.close()
+  if jax.process_index() == 0 and start_step == 0:
+    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
+  return last
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+  """Pads a short last eval batch with empty rows (zero loss weight) to a fixed shape."""
+  missing = rows - next(iter(batch.values())).shape[0]
+  if missing <= 0:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+class _progress:  # pylint: disable=invalid-name
+  """A tqdm bar with the latest loss, or log lines when tqdm is off."""
+
+  def __init__(self, start: int, total: int, enabled: bool):
+    self._bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self._step = start
+
+  def update(self, step: int, scalars: dict) -> None:
+    text = (f"loss {scalars.get('loss/cross_entropy', float('nan')):.3f} "
+            f"{scalars.get('tokens_per_s', 0):,.0f} tok/s")
+    if self._bar is not None:
+      self._bar.update(step - self._step)
+      self._bar.set_postfix_str(text)
+    else:
+      logging.info("step %d: %s", step, text)
+    self._step = step
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _closest(name: str, candidates: Sequence[str]) -> str:
+  matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+  return f" Closest: {', '.join(matches)}." if matches else ""
+
+
+def parse_flags(argv: Sequence[str]) -> None:
+  """Parses t5x-style gin flags; a missing gin file or a misspelled name fails here, before
+  anything compiles, naming the closest valid names."""
+  files, bindings, rest = config_lib.split_gin_args(argv)
+  if rest:
+    raise SystemExit(f"Unknown arguments {rest}; use --gin_file=..., --gin.NAME=value and "
+                     "--gin_search_paths=....")
+  known_files = sorted(glob.glob(os.path.join(config_lib.REPO_ROOT, "gin_configs", "**",
+                                              "*.gin"), recursive=True))
+  for path in files:
+    if not any(os.path.exists(os.path.join(root, path))
+               for root in ("", os.getcwd(), config_lib.REPO_ROOT)):
+      relative = [os.path.relpath(p, config_lib.REPO_ROOT) for p in known_files]
+      raise SystemExit(f"gin file {path!r} not found.{_closest(path, relative)}")
+  try:
+    config_lib.parse_gin(files, list(bindings) + [
+        "moe_jax.config._configured_rules.rules = %PARTITIONING_RULES"])
+  except (ValueError, KeyError) as e:
+    names = [str(k) for k, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
+    bad = str(e).split("'")[1] if "'" in str(e) else str(e)
+    raise SystemExit(f"gin: {e}{_closest(bad, names)}") from None
