@@ -23,7 +23,7 @@ train: $(STAMP)
 	$(PY) -m moe_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py

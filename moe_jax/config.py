@@ -66,6 +66,16 @@ def load_model(files: Sequence[str], bindings: Sequence[str] = ()):
   return _configured_model()
 
 
+def configured_model():
+  """The model bound to `MODEL`, once gin is parsed with `MODEL_BINDINGS`."""
+  return _configured_model()
+
+
+# What a command adds to its gin bindings so that `configured_model` / `configured_rules` work.
+MODEL_BINDINGS = ("moe_jax.config._configured_model.model = %MODEL",
+                  "moe_jax.config._configured_rules.rules = %PARTITIONING_RULES")
+
+
 def configured_rules():
   """The logical axis rules the files given to `load_model` bind to `PARTITIONING_RULES`."""
   return tuple(tuple(rule) for rule in _configured_rules())

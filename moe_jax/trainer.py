@@ -85,18 +85,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
   # --- state: restore, fine-tune from, or initialise -----------------------------------
   tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
-  boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
-  variable_shardings = part.logical_shardings(boxed, device_mesh, rules)
-  abstract_state = jax.eval_shape(lambda v: ts.TrainState.create(v, tx), nn.meta.unbox(boxed))
-  state_shardings = part.train_state_shardings(abstract_state, variable_shardings, device_mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, state_shardings)
+  target, state_shardings = state_target(module, tx, device_mesh, rules, tokens)
   checkpointer = checkpoints_lib.Checkpointer(
       os.path.join(model_dir, "checkpoints"), keep_last=keep_checkpoints,
       keep_every_steps=keep_every_steps)
   if checkpointer.latest_step() is not None:
     state, data = checkpointer.restore(target)
-    logging.info("Resumed from step %d (%s).", int(state.step), data)
+    print(f"Resumed from step {int(state.step)} ({data}).", flush=True)
   else:
     with part.activate(device_mesh, rules):
       variables = nn.meta.unbox(part.init_sharded(module, device_mesh, rules, tokens,
@@ -106,7 +101,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
     if init_checkpoint:
       restored, _ = checkpoints_lib.Checkpointer(init_checkpoint).restore(target)
       state = state.replace(params=restored.params)
-      logging.info("Fine-tuning from %s (step %d).", init_checkpoint, int(restored.step))
+      print(f"Fine-tuning from {init_checkpoint} (step {int(restored.step)}).", flush=True)
   start_step = int(state.step)
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
@@ -197,6 +192,18 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   return last
 
 
+def state_target(module, tx, mesh, rules, tokens: jax.ShapeDtypeStruct):
+  """(abstract TrainState with the shardings of `mesh` — what a checkpoint restores into —,
+  the state's shardings), without allocating anything."""
+  boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+  variable_shardings = part.logical_shardings(boxed, mesh, rules)
+  abstract_state = jax.eval_shape(lambda v: ts.TrainState.create(v, tx), nn.meta.unbox(boxed))
+  state_shardings = part.train_state_shardings(abstract_state, variable_shardings, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_shardings)
+  return target, state_shardings
+
+
 def _pad_rows(batch: dict, rows: int) -> dict:
   """Pads a short last eval batch with empty rows (zero loss weight) to a fixed shape."""
   missing = rows - next(iter(batch.values())).shape[0]
@@ -251,8 +258,7 @@ def parse_flags(argv: Sequence[str]) -> None:
       relative = [os.path.relpath(p, config_lib.REPO_ROOT) for p in known_files]
       raise SystemExit(f"gin file {path!r} not found.{_closest(path, relative)}")
   try:
-    config_lib.parse_gin(files, list(bindings) + [
-        "moe_jax.config._configured_rules.rules = %PARTITIONING_RULES"])
+    config_lib.parse_gin(files, list(bindings) + list(config_lib.MODEL_BINDINGS))
   except (ValueError, KeyError) as e:
     names = [str(k) for k, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
     bad = str(e).split("'")[1] if "'" in str(e) else str(e)

@@ -1,0 +1,144 @@
+"""The training loop end to end: resume after SIGKILL, restore on another mesh, NaN guard.
+
+Runs `python -m moe_jax.train` as a subprocess on a very small model (the 8 simulated devices
+come with the environment tests/conftest.py sets), on the local corpus.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("seqio")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+
+from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import config as config_lib
+from moe_jax import optimizers
+from moe_jax import partitioning as part
+from moe_jax import train_step as ts
+from moe_jax import trainer
+
+N = 12  # steps before the kill point; the runs go to 2N
+FILES = ["gin_configs/models/openmoe_base_16e_tiny.gin", "gin_configs/runs/tiny_cpu.gin"]
+SMALL = ["NUM_LAYERS=4", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16", "MLP_DIM=64",
+         "EXPERT_DIM=64", "SEQUENCE_LENGTH=64", "BATCH_SIZE=8",
+         "MIXTURE_OR_TASK_NAME='local_english_ul2_8k'", "EVAL_TASKS=[]",
+         "train.log_every=1", "train.progress_bar=False",
+         "optimizers.warmup_cosine_schedule.warmup_steps=2"]
+
+
+def _flags(model_dir, steps, checkpoint_every, extra=()):
+  bindings = SMALL + [f"MODEL_DIR='{model_dir}'", f"TRAIN_STEPS={steps}",
+                      f"CHECKPOINT_EVERY={checkpoint_every}", *extra]
+  return [f"--gin_file={f}" for f in FILES] + [f"--gin.{b}" for b in bindings]
+
+
+def _start(flags):
+  return subprocess.Popen([sys.executable, "-m", "moe_jax.train", *flags],
+                          cwd=config_lib.REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _run(flags, timeout=600):
+  proc = _start(flags)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def _losses(model_dir):
+  rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))]
+  return {r["step"]: r["loss/total"] for r in rows if r["split"] == "train"}
+
+
+def _final_params(model_dir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(model_dir, "checkpoints", str(step), "state"))
+  return jax.tree.leaves(jax.device_get(restored["params"]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+  code, out = _run(_flags(model_dir, 2 * N, N))
+  assert code == 0, out[-3000:]
+  return model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")  # shares the uninterrupted run (Makefile: --dist loadgroup)
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_run(uninterrupted, tmp_path):
+  model_dir = str(tmp_path)
+  proc = _start(_flags(model_dir, 2 * N, N))
+  kill_after = random.Random(os.getpid()).randint(N + 1, N + 4)  # a step after the checkpoint
+  metrics = os.path.join(model_dir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    committed = os.path.isdir(os.path.join(model_dir, "checkpoints", str(N)))  # renamed: done
+    if committed and os.path.exists(metrics) and max(_losses(model_dir)) >= kill_after:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.01)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  steps = checkpoints_lib.Checkpointer(os.path.join(model_dir, "checkpoints")).all_steps()
+  assert steps == [N]
+  code, out = _run(_flags(model_dir, 2 * N, N))
+  assert code == 0, out[-3000:]
+  assert "Resumed from step" in out
+  reference, resumed = _losses(uninterrupted), _losses(model_dir)
+  for step in range(N + 1, 2 * N + 1):  # same data and RNG after the resume: same losses
+    assert resumed[step] == reference[step], step
+  for a, b in zip(_final_params(uninterrupted, 2 * N), _final_params(model_dir, 2 * N)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_checkpoint_from_one_mesh_restores_on_another(uninterrupted):
+  """Written on data:8 (8,1,1); restored on data:2,expert:2,model:2; the same loss."""
+  trainer.parse_flags(_flags(uninterrupted, 2 * N, N))
+  model = config_lib.configured_model()
+  tx = optimizers.create_optimizer().tx
+  rules = config_lib.configured_rules()
+  tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+  rng = np.random.default_rng(0)
+  batch = {"decoder_target_tokens": rng.integers(3, 8000, (8, 64)).astype(np.int32),
+           "decoder_input_tokens": rng.integers(3, 8000, (8, 64)).astype(np.int32),
+           "decoder_loss_weights": np.ones((8, 64), np.float32)}
+  losses = []
+  for sizes in ({"data": 8}, {"data": 2, "expert": 2, "model": 2}):
+    mesh = part.make_mesh(**sizes)
+    target, _ = trainer.state_target(model.module, tx, mesh, rules, tokens)
+    state, data = checkpoints_lib.Checkpointer(
+        os.path.join(uninterrupted, "checkpoints")).restore(target)
+    assert data["batches_consumed"] == 2 * N
+    with part.activate(mesh, rules):
+      metrics = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))(
+          state.params, state.extra, part.global_batch(batch, mesh, rules))
+    losses.append(float(metrics["loss/total"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nan_batch_stops_or_skips(mode, tmp_path):
+  model_dir = str(tmp_path)
+  code, out = _run(_flags(model_dir, 6, 2, [f"train.nan_at_step=3",
+                                            f"train.on_nonfinite='{mode}'"]))
+  steps = checkpoints_lib.Checkpointer(os.path.join(model_dir, "checkpoints")).all_steps()
+  if mode == "stop":
+    assert code != 0 and "Non-finite loss or gradient at step 3" in out, out[-3000:]
+    assert steps == [2]  # the last good state
+  else:
+    assert code == 0, out[-3000:]
+    assert steps[-1] == 6 and "Skipped" in out
+    assert all(np.isfinite(v) for s, v in _losses(model_dir).items() if s != 4)
