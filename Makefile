@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup train test bench
+.PHONY: setup train demo test bench
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# Until the training loop lands (issue 4+), the main job is the MoE layer demo.
+# The main job: a tiny OpenMoE-style preset trained on the embedded local corpus with the UL2
+# mixture, on CPU (runs/tiny_cpu: checkpoints, TensorBoard events, metrics.jsonl). Run again,
+# it resumes from the last checkpoint (and stops at once when the run is complete).
+TRAIN_FLAGS ?=
 train: $(STAMP)
+	$(PY) -m moe_jax.train --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin \
+	  --gin_file=gin_configs/runs/tiny_cpu.gin $(TRAIN_FLAGS)
+
+demo: $(STAMP)
 	$(PY) -m moe_jax.demo
 
 test: $(STAMP)

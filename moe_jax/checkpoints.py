@@ -187,3 +187,25 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def restore_params(directory: str, abstract_params: Any, abstract_extra: Any = None,
+                   step: Optional[int] = None) -> Tuple[Any, Any, int]:
+  """(params, extra, step) of a run's checkpoint, whatever optimizer wrote it: for fine-tuning
+  with another optimizer, evaluation and inference. Read-only: unlike `Checkpointer`, it never
+  touches the directory (another process may be training there). Targets as in `restore`.
+  """
+  directory = os.path.abspath(directory) if "://" not in directory else directory
+  steps = sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+  step = steps[-1] if step is None and steps else step
+  if step is None or int(step) not in steps:
+    raise FileNotFoundError(f"no committed checkpoint {'' if step is None else step} in "
+                            f"{directory}; committed steps: {steps}")
+  item = {"params": abstract_params}
+  if abstract_extra:
+    item["extra"] = abstract_extra
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(directory, str(int(step)), _STATE),
+      args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  return restored["params"], restored.get("extra", {}), int(step)

@@ -23,6 +23,7 @@ import difflib
 import glob
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -98,10 +99,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                                                   rng=jax.random.PRNGKey(seed)))
       state = jax.jit(lambda v: ts.TrainState.create(v, tx),
                       out_shardings=state_shardings)(variables)
-    if init_checkpoint:
-      restored, _ = checkpoints_lib.Checkpointer(init_checkpoint).restore(target)
-      state = state.replace(params=restored.params)
-      print(f"Fine-tuning from {init_checkpoint} (step {int(restored.step)}).", flush=True)
+    if init_checkpoint:  # params (and collections) only: the optimizer starts afresh
+      params, extra, step = checkpoints_lib.restore_params(init_checkpoint, target.params,
+                                                           target.extra)
+      state = state.replace(params=params, extra={**state.extra, **extra})
+      print(f"Fine-tuning from {init_checkpoint} (step {step}).", flush=True)
   start_step = int(state.step)
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
@@ -128,23 +130,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   progress = _progress(start_step, train_steps, progress_bar)
 
   def evaluate(step: int) -> None:
-    for task in eval_tasks:
-      totals, tokens_seen = {}, 0.0
-      eval_data = pipeline.get_dataset(task, sequence_length, host_batch, split="validation",
-                                       seed=seed, shuffle=False, shard_index=rows.start
-                                       // host_batch, shard_count=batch_size // host_batch)
-      for batch in eval_data.take(eval_batches).as_numpy_iterator():
-        batch = _pad_rows(batch, host_batch)
-        with part.activate(device_mesh, rules):
-          out = metrics_lib.scalars(eval_fn(state.params, state.extra,
-                                            part.global_batch(batch, device_mesh, rules)))
-        n = out["num_tokens"]
-        tokens_seen += n
-        for k, v in out.items():
-          totals[k] = totals.get(k, 0.0) + v * n
-      if tokens_seen and writer is not None:
-        writer.write(step, {k: v / tokens_seen for k, v in totals.items()
-                            if k != "num_tokens"}, split=f"eval/{task}")
+    results = evaluate_tasks(eval_fn, state, eval_tasks, device_mesh, rules, sequence_length,
+                             batch_size, eval_batches, seed)
+    for task, scalars in results.items():
+      if writer is not None:
+        writer.write(step, scalars, split=f"eval/{task}")
 
   # --- the loop ------------------------------------------------------------------------
   last = {}
@@ -192,6 +182,34 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   return last
 
 
+def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_length: int,
+                   batch_size: int, max_batches: int, seed: int = 0) -> dict:
+  """{task: token-weighted mean metrics} over up to `max_batches` batches of each task's
+  validation split (one pass, no shuffling; the last short batch padded with empty rows)."""
+  from tasks import pipeline  # pylint: disable=g-import-not-at-top
+  rows = part.host_batch_rows(mesh, rules, batch_size)
+  host_batch = rows.stop - rows.start
+  results = {}
+  for task in tasks:
+    totals, tokens_seen = {}, 0.0
+    data = pipeline.get_dataset(task, sequence_length, host_batch, split="validation",
+                                seed=seed, shuffle=False, shard_index=rows.start // host_batch,
+                                shard_count=batch_size // host_batch)
+    for batch in data.take(max_batches).as_numpy_iterator():
+      batch = _pad_rows(batch, host_batch)
+      with part.activate(mesh, rules):
+        out = metrics_lib.scalars(eval_fn(state.params, state.extra,
+                                          part.global_batch(batch, mesh, rules)))
+      n = out["num_tokens"]
+      tokens_seen += n
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + v * n
+    if tokens_seen:
+      results[task] = {k: v / tokens_seen for k, v in totals.items() if k != "num_tokens"}
+      results[task]["num_tokens"] = tokens_seen
+  return results
+
+
 def state_target(module, tx, mesh, rules, tokens: jax.ShapeDtypeStruct):
   """(abstract TrainState with the shardings of `mesh` — what a checkpoint restores into —,
   the state's shardings), without allocating anything."""
@@ -202,6 +220,17 @@ def state_target(module, tx, mesh, rules, tokens: jax.ShapeDtypeStruct):
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_shardings)
   return target, state_shardings
+
+
+def params_target(module, mesh, rules, tokens: jax.ShapeDtypeStruct) -> dict:
+  """{"params": ..., "extra": ...} abstract arrays with the shardings of `mesh`."""
+  boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+  shardings = part.logical_shardings(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return {"params": target["params"],
+          "extra": {k: v for k, v in target.items() if k not in ("params", "cache")}}
 
 
 def _pad_rows(batch: dict, rows: int) -> dict:
@@ -260,6 +289,20 @@ def parse_flags(argv: Sequence[str]) -> None:
   try:
     config_lib.parse_gin(files, list(bindings) + list(config_lib.MODEL_BINDINGS))
   except (ValueError, KeyError) as e:
-    names = [str(k) for k, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
-    bad = str(e).split("'")[1] if "'" in str(e) else str(e)
-    raise SystemExit(f"gin: {e}{_closest(bad, names)}") from None
+    raise SystemExit(f"gin: {e}{_gin_suggestion(str(e))}") from None
+
+
+def _gin_suggestion(message: str) -> str:
+  """Closest valid names for gin's 'no such parameter' and 'no such configurable' errors."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  registry = gin.config._REGISTRY  # pylint: disable=protected-access
+  parameter = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'",
+                        message)
+  if parameter:
+    configurable = registry.get_match(parameter.group(1))
+    if configurable is not None:
+      fn = configurable.wrapped
+      fn = fn.__init__ if inspect.isclass(fn) else fn
+      return _closest(parameter.group(2), list(inspect.signature(fn).parameters))
+  name = re.search(r"'([^']+)'", message)
+  return _closest(name.group(1), [str(n) for n, _ in registry.items()]) if name else ""

@@ -142,3 +142,45 @@ def test_nan_batch_stops_or_skips(mode, tmp_path):
     assert code == 0, out[-3000:]
     assert steps[-1] == 6 and "Skipped" in out
     assert all(np.isfinite(v) for s, v in _losses(model_dir).items() if s != 4)
+
+
+MODEL_SIZE = ["VOCAB_SIZE=8384", "NUM_LAYERS=4", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16",
+              "MLP_DIM=64", "EXPERT_DIM=64"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_evaluate_infer_and_finetune_from_a_run(uninterrupted, tmp_path):
+  from moe_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from moe_jax import infer as infer_lib  # pylint: disable=g-import-not-at-top
+  checkpoint_dir = os.path.join(uninterrupted, "checkpoints")
+  common = [f"--gin.{b}" for b in MODEL_SIZE] + [f"--gin.CHECKPOINT_DIR='{checkpoint_dir}'"]
+  trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/eval.gin",
+                       *common, "--gin.EVAL_TASKS=['local_english_lm_8k']",
+                       "--gin.SEQUENCE_LENGTH=64", "--gin.BATCH_SIZE=8",
+                       "--gin.evaluate.max_batches=2"])
+  results = evaluate_lib.evaluate()
+  assert np.isfinite(results["local_english_lm_8k"]["loss/cross_entropy"])
+  assert os.path.exists(os.path.join(uninterrupted, f"eval_step{2 * N}.json"))
+
+  trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/infer.gin",
+                       *common, "--gin.PROMPTS=['def main(']", "--gin.VOCABULARY='spm8k'",
+                       "--gin.MAX_NEW_TOKENS=4", "--gin.infer.sequence_length=64"])
+  (result,) = infer_lib.infer()
+  assert result["prompt"] == "def main(" and isinstance(result["prediction"], str)
+
+  # Fine-tuning: params from the AdamW run, a fresh Adafactor (finetune.gin's optimizer).
+  trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/finetune.gin",
+                       *[f"--gin.{b}" for b in SMALL + MODEL_SIZE],
+                       f"--gin.INIT_CHECKPOINT='{checkpoint_dir}'",
+                       f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=2",
+                       "--gin.MIXTURE_OR_TASK_NAME='local_code_s_8k'", "--gin.EVAL_TASKS=[]"])
+  last = trainer.train()  # pylint: disable=missing-kwoa
+  assert np.isfinite(last["loss/total"])
+
+
+def test_gin_typos_fail_before_compiling_with_the_closest_names():
+  with pytest.raises(SystemExit, match="Closest: gin_configs/models/mixtral_8x7b_tiny.gin"):
+    trainer.parse_flags(["--gin_file=gin_configs/models/mixtrel_8x7b_tiny.gin"])
+  with pytest.raises(SystemExit, match=r"trian_steps.*Closest|Closest.*train_steps"):
+    trainer.parse_flags([f"--gin_file={f}" for f in FILES] + ["--gin.train.trian_steps=3"])

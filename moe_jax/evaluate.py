@@ -1,0 +1,71 @@
+"""Evaluation of a checkpoint on seqio tasks' validation splits (t5x's eval.py).
+
+    python -m moe_jax.evaluate --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin \
+      --gin_file=gin_configs/runs/eval.gin --gin.CHECKPOINT_DIR="'runs/tiny_cpu/checkpoints'" \
+      --gin.EVAL_TASKS="['local_code_lm_8k', 'local_english_lm_8k']" --gin.VOCAB_SIZE=8384
+
+Restores only the parameters (any optimizer may have written the checkpoint), runs each task
+once over its validation split without dropout at the eval capacity factor, prints a table and
+writes `eval_step<N>.json` beside the checkpoints.
+"""
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import config as config_lib
+from moe_jax import partitioning as part
+from moe_jax import train_step as ts
+from moe_jax import trainer
+
+
+@struct.dataclass
+class _Weights:
+  params: dict
+  extra: dict
+
+
+@gin.configurable(module="moe_jax.evaluate")
+def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
+             tasks: Sequence[str] = gin.REQUIRED, sequence_length: int = 512,
+             batch_size: int = 16, max_batches: int = 100, mesh: str = "data:-1",
+             step: Optional[int] = None, seed: int = 0) -> dict:
+  """{task: metrics}; also printed and written to `<checkpoint_dir>/../eval_step<N>.json`."""
+  device_mesh = part.make_mesh(**part.parse_mesh(mesh))
+  rules = config_lib.configured_rules()
+  part.validate(model.module, device_mesh, rules, batch_size)
+  tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
+  target = trainer.params_target(model.module, device_mesh, rules, tokens)
+  params, extra, step = checkpoints_lib.restore_params(checkpoint_dir, target["params"],
+                                                       target["extra"], step)
+  eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))
+  results = trainer.evaluate_tasks(eval_fn, _Weights(params, extra), tasks, device_mesh, rules,
+                                   sequence_length, batch_size, max_batches, seed)
+  print(f"step {step}")
+  for task, metrics in results.items():
+    print(f"  {task:40s} loss {metrics['loss/cross_entropy']:.4f}  accuracy "
+          f"{metrics['accuracy']:.4f}  tokens {metrics['num_tokens']:.0f}")
+  if jax.process_index() == 0:
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),
+                        f"eval_step{step}.json")
+    with open(path, "w") as f:
+      json.dump({"step": step, "results": results}, f, indent=1)
+  return results
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  trainer.parse_flags(sys.argv[1:] if argv is None else argv)
+  evaluate()  # pylint: disable=missing-kwoa  (everything comes from gin)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
