@@ -19,8 +19,9 @@ INTEROP = ["safetensors>=0.8", "transformers>=5.24", "torch==2.13.0"]
 # The data side (tasks/) only; the core never imports these. seqio pulls tensorflow-text and
 # with it TensorFlow (CPU is enough: tf.data only). rdata and pysword read two corpus sources
 # (an R data file, SWORD Bible modules). The training loop (moe_jax/trainer.py) needs the data
-# side, clu (TensorBoard metric writers) and tqdm (progress bar).
-DATA = ["clu>=0.0.12", "tqdm>=4.66", "seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "sentencepiece>=0.2.1", "rdata>=1.0",
+# side, clu with tensorboard (TensorBoard event files) and tqdm (progress bar).
+DATA = ["clu>=0.0.12", "tensorboard>=2.20", "tqdm>=4.66", "seqio>=0.0.20",
+        "tensorflow-datasets>=4.9.10", "sentencepiece>=0.2.1", "rdata>=1.0",
         "pysword>=0.2.8",
         "importlib_resources>=6.0"]  # tfds reads its own package files with it
 EXTRAS = {

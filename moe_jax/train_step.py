@@ -86,7 +86,7 @@ def train_step(lm, optimizer: optax.GradientTransformation, state: TrainState,
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics["num_tokens"] = weight_sum
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, param_updates)

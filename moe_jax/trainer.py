@@ -137,7 +137,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
         writer.write(step, scalars, split=f"eval/{task}")
 
   # --- the loop ------------------------------------------------------------------------
-  last = {}
+  last, summed, summed_steps = {}, None, 0
   step_start = time.perf_counter()
   for step in range(start_step, train_steps):
     batch = next(batches)
@@ -156,9 +156,14 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                              "--gin.train.on_nonfinite=\"'skip'\" to skip such steps.")
       logging.warning("%s Skipped (state unchanged).", message)
     done = step + 1
+    # Logged metrics are means over the steps since the last log (one step's loss on a
+    # mixture of objectives is noisy); summed on device, so nothing waits for them.
+    summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+    summed_steps += 1
     if done % log_every == 0 or done == train_steps:
-      seconds = (time.perf_counter() - step_start) / (done - max(start_step, done - log_every))
-      last = metrics_lib.scalars(metrics)
+      seconds = (time.perf_counter() - step_start) / summed_steps
+      last = metrics_lib.scalars(jax.tree.map(lambda x: x / summed_steps, summed))
+      summed, summed_steps = None, 0
       tokens_per_s = batch_size * sequence_length / seconds
       last.update({"step_time_s": seconds, "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * train_flops / peak_flops})

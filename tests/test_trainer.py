@@ -99,6 +99,10 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_run(uninterrupted
     assert resumed[step] == reference[step], step
   for a, b in zip(_final_params(uninterrupted, 2 * N), _final_params(model_dir, 2 * N)):
     np.testing.assert_array_equal(a, b)
+  # What a run leaves behind besides checkpoints: TensorBoard events and the configs.
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(
+      os.path.join(uninterrupted, "train")))
+  assert os.path.exists(os.path.join(uninterrupted, "operative_config.gin"))
 
 
 @pytest.mark.slow
