@@ -9,7 +9,6 @@ once over its validation split without dropout at the eval capacity factor, prin
 writes `eval_step<N>.json` beside the checkpoints.
 """
 import json
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -61,11 +60,7 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
-  trainer.parse_flags(sys.argv[1:] if argv is None else argv)
-  evaluate()  # pylint: disable=missing-kwoa  (everything comes from gin)
-  return 0
+  return trainer.run_command(evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ training. With `task`, each example's inputs are the prompt and its targets are 
 the prediction. Outputs go to stdout and `<checkpoint_dir>/../infer_step<N>.jsonl`.
 """
 import json
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -84,11 +83,7 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
-  trainer.parse_flags(sys.argv[1:] if argv is None else argv)
-  infer()  # pylint: disable=missing-kwoa  (everything comes from gin)
-  return 0
+  return trainer.run_command(infer, argv)
 
 
 if __name__ == "__main__":

@@ -311,3 +311,12 @@ def _gin_suggestion(message: str) -> str:
       return _closest(parameter.group(2), list(inspect.signature(fn).parameters))
   name = re.search(r"'([^']+)'", message)
   return _closest(name.group(1), [str(n) for n, _ in registry.items()]) if name else ""
+
+
+def run_command(fn, argv=None) -> int:
+  """The body of `python -m moe_jax.{train,evaluate,infer}`: gin flags, then `fn()`."""
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
+  parse_flags(sys.argv[1:] if argv is None else argv)
+  fn()  # everything comes from gin
+  return 0
