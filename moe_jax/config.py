@@ -45,7 +45,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.clear_config()
   for path in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  # Not finalized (locked): a notebook or test may import more configurable modules later.
+  gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 
 @gin.configurable(module="moe_jax.config")

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import config as config_lib
+from moe_jax import evaluate as evaluate_lib
+from moe_jax import infer as infer_lib
 from moe_jax import optimizers
 from moe_jax import partitioning as part
 from moe_jax import train_step as ts
@@ -155,8 +157,6 @@ MODEL_SIZE = ["VOCAB_SIZE=8384", "NUM_LAYERS=4", "D_MODEL=32", "NUM_HEADS=2", "H
 @pytest.mark.slow
 @pytest.mark.xdist_group("trainer")
 def test_evaluate_infer_and_finetune_from_a_run(uninterrupted, tmp_path):
-  from moe_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from moe_jax import infer as infer_lib  # pylint: disable=g-import-not-at-top
   checkpoint_dir = os.path.join(uninterrupted, "checkpoints")
   common = [f"--gin.{b}" for b in MODEL_SIZE] + [f"--gin.CHECKPOINT_DIR='{checkpoint_dir}'"]
   trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/eval.gin",
