@@ -155,12 +155,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                              f"{checkpointer.latest_step()}) is the last good state. Set "
                              "--gin.train.on_nonfinite=\"'skip'\" to skip such steps.")
       logging.warning("%s Skipped (state unchanged).", message)
+    else:
+      # Logged metrics are means over the (finite) steps since the last log: one step's loss
+      # on a mixture of objectives is noisy. Summed on device, so nothing waits for them.
+      summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+      summed_steps += 1
     done = step + 1
-    # Logged metrics are means over the steps since the last log (one step's loss on a
-    # mixture of objectives is noisy); summed on device, so nothing waits for them.
-    summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
-    summed_steps += 1
-    if done % log_every == 0 or done == train_steps:
+    if summed_steps and (done % log_every == 0 or done == train_steps):
       seconds = (time.perf_counter() - step_start) / summed_steps
       last = metrics_lib.scalars(jax.tree.map(lambda x: x / summed_steps, summed))
       summed, summed_steps = None, 0
@@ -170,12 +171,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
       if writer is not None:
         writer.write(done, last)
       progress.update(done, last)
-      step_start = time.perf_counter()
     if eval_every and eval_tasks and (done % eval_every == 0 or done == train_steps):
       evaluate(done)
     if done % checkpoint_every == 0 or done == train_steps:
       checkpointer.save(done, state, {"batches_consumed": done, "seed": seed,
                                       "mixture_or_task": mixture_or_task})
+    if not summed_steps:  # just logged: time the next interval from here, after eval/save
+      step_start = time.perf_counter()
   checkpointer.wait()
   checkpointer.close()
   progress.close()
