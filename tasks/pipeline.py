@@ -88,14 +88,14 @@ def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
 
 def packing_stats(batches) -> Dict[str, float]:
   """Fractions of non-padding and of loss-bearing tokens over an iterable of numpy batches."""
-  total = tokens = loss = examples = 0
+  total = tokens = loss = examples = rows = 0
   for batch in batches:
     total += batch["decoder_target_tokens"].size
+    rows += batch["decoder_target_tokens"].shape[0]
     tokens += int(np.sum(batch["decoder_target_tokens"] != 0))
     loss += int(np.sum(batch["decoder_loss_weights"]))
     if "decoder_segment_ids" in batch:
       examples += int(sum(len(np.unique(row[row > 0])) for row in batch["decoder_segment_ids"]))
   return {"non_padding_fraction": tokens / max(total, 1),
           "loss_token_fraction": loss / max(total, 1),
-          "examples_per_sequence": examples / max(total, 1)
-          * batch["decoder_target_tokens"].shape[-1] if total else 0.0}
+          "examples_per_sequence": examples / max(rows, 1)}

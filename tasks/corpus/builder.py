@@ -19,7 +19,7 @@ import collections
 import dataclasses
 import logging
 import platform
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import tensorflow_datasets as tfds
 
@@ -138,11 +138,3 @@ def prepare(config: str = "small", data_dir: Optional[str] = None) -> tfds.core.
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, num_shards=NUM_FILE_SHARDS))
   return builder
-
-
-def iterate_texts(config: str = "small", split: str = "train",
-                  data_dir: Optional[str] = None) -> Iterator[dict]:
-  """Examples as Python dicts (str values), for tools that do not want tf.data."""
-  builder = prepare(config, data_dir)
-  for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-    yield {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in ex.items()}
