@@ -24,8 +24,14 @@ DATA = ["clu>=0.0.12", "tensorboard>=2.20", "tqdm>=4.66", "seqio>=0.0.20",
         "tensorflow-datasets>=4.9.10", "sentencepiece>=0.2.1", "rdata>=1.0",
         "pysword>=0.2.8",
         "importlib_resources>=6.0"]  # tfds reads its own package files with it
+# Routing analysis tables and plots (moe_jax/analysis imports them only when asked), and what
+# the tests need to execute the notebooks. Lower bounds loose enough for Colab's runtime.
+ANALYSIS = ["matplotlib>=3.8", "pandas>=2.2"]
+NOTEBOOKS = ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP + DATA,
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"] + INTEROP + DATA + ANALYSIS + NOTEBOOKS,
+    "analysis": ANALYSIS,
+    "notebooks": DATA + ANALYSIS + NOTEBOOKS,
     "interop": INTEROP,
     "data": DATA,
 }

@@ -34,11 +34,14 @@ class MetricsWriter:
         logging.warning("clu is not installed: no TensorBoard events (metrics.jsonl only).")
         self._tensorboard = False
 
-  def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+  def write(self, step: int, scalars: Mapping[str, float], split: str = "train",
+            vectors: Optional[Mapping[str, list]] = None) -> None:
+    """`vectors` (e.g. per-expert loads) go to metrics.jsonl only, as lists."""
     scalars = {k: float(v) for k, v in scalars.items()}
+    row = {"step": int(step), "split": split, "time": time.time(), **scalars}
+    row.update({k: [float(x) for x in v] for k, v in (vectors or {}).items()})
     with open(self._path, "a") as f:
-      f.write(json.dumps({"step": int(step), "split": split, "time": time.time(), **scalars})
-              + "\n")
+      f.write(json.dumps(row) + "\n")
     if self._tensorboard:
       if split not in self._writers:
         self._writers[split] = self._metric_writers.create_default_writer(
@@ -73,6 +76,13 @@ def scalars(metrics: Mapping[str, jax.Array]) -> Dict[str, float]:
       out[f"{name}/max_over_min"] = float(flat.max() / max(flat.min(), 1e-9))
       out[f"{name}/cv"] = float(flat.std() / max(abs(flat.mean()), 1e-9))
   return out
+
+
+def vectors(metrics: Mapping[str, jax.Array]) -> Dict[str, list]:
+  """The per-expert vectors of `metrics` (e.g. "moe/layer_3/expert_load_after": [E]) as lists:
+  metrics.jsonl keeps them whole, so loads per expert can be plotted over training."""
+  return {name: np.asarray(value, np.float64).reshape(-1).tolist()
+          for name, value in jax.device_get(dict(metrics)).items() if np.ndim(value) > 0}
 
 
 def measure_peak_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

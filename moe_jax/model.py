@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from moe_jax.attention import Attention
 from moe_jax.dense import Embed, MlpBlock, RMSNorm, dense_init
-from moe_jax.moe_layer import MoeAux
+from moe_jax.moe_layer import ROUTING_RECORDS, MoeAux
 
 Array = jax.Array
 MOE_DENSE_FFN = ("none", "parallel", "sequential")
@@ -254,7 +254,8 @@ class Decoder(nn.Module):
       unit_moe = tuple(sorted({i % period for i in moe_ids}))
       stack = nn.scan(
           DecoderUnit,
-          variable_axes={"params": 0, "cache": 0, "moe_balance": 0},
+          variable_axes={"params": 0, "cache": 0, "moe_balance": 0,
+                         ROUTING_RECORDS: 0},
           split_rngs={name: True for name in RNG_STREAMS},
           in_axes=(nn.broadcast,) * 4,
           length=self.num_layers // period,

@@ -22,9 +22,17 @@ from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax.experts import Experts, check_activation, check_implementation
-from moe_jax.routing import ExpertChoiceRouter, RouterOutput, compute_capacity
+from moe_jax.routing import (ExpertChoiceRouter, RouterOutput, TokenChoiceRouting,
+                             compute_capacity)
 
 Array = jax.Array
+
+# The collection a layer writes its per-token routing record to when the caller makes it
+# mutable (`apply(..., mutable=[ROUTING_RECORDS])`, as moe_jax.analysis's recorder does);
+# otherwise nothing is computed or stored.
+ROUTING_RECORDS = "routing_records"
+# Status codes of a recorded assignment (moe_jax/analysis/records.py).
+KEPT, DROPPED, SKIPPED, UNUSED = 0, 1, 2, -1
 
 
 @struct.dataclass
@@ -77,6 +85,40 @@ def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[i
       "router_confidence": jnp.sum(jnp.max(p, axis=-1) * mask) / tokens,
       "capacity": jnp.asarray(capacity or 0, jnp.int32),
   }
+
+
+def routing_record(out: RouterOutput, padding_mask: Array, top_probs: int = 8,
+                   expert_choice_slots: int = 8) -> Dict[str, Array]:
+  """Per-token routing of one layer, for analysis (fields as moe_jax/analysis/records.py).
+
+  Returns arrays [G, S, ...]: expert / gate / status [G, S, R] (token choice: the k choices in
+  choice order, R = k; expert choice: the R = min(E, expert_choice_slots) experts with the
+  largest gates among those that took the token), top_expert / top_prob [G, S, P] (the P =
+  min(E, top_probs) largest router probabilities), entropy [G, S] and num_chosen [G, S].
+  Padding tokens get status UNUSED.
+  """
+  num_experts = out.probs.shape[-1]
+  real = padding_mask > 0
+  if isinstance(out.routing, TokenChoiceRouting):
+    expert = out.routing.expert_index
+    gate = out.routing.combine_weights
+    admitted = jnp.take_along_axis(out.admitted, expert, axis=-1) > 0
+    status = jnp.where(out.routing.kept, KEPT, jnp.where(admitted, DROPPED, SKIPPED))
+  else:  # expert choice: out.kept [G, S, E] marks the experts that took each token
+    gates = jnp.where(out.kept > 0, out.probs, -1.0)
+    gate, expert = jax.lax.top_k(gates, min(num_experts, expert_choice_slots))
+    chosen = gate >= 0
+    expert = jnp.where(chosen, expert, -1)
+    gate = jnp.maximum(gate, 0.0)
+    status = jnp.where(chosen, KEPT, UNUSED)
+  status = jnp.where(real[..., None], status, UNUSED)
+  top_prob, top_expert = jax.lax.top_k(out.probs, min(num_experts, top_probs))
+  p = out.probs
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+  return {"expert": expert.astype(jnp.int32), "gate": gate.astype(jnp.float32),
+          "status": status.astype(jnp.int32), "top_expert": top_expert.astype(jnp.int32),
+          "top_prob": top_prob, "entropy": entropy,
+          "num_chosen": jnp.sum(out.selected, axis=-1).astype(jnp.int32)}
 
 
 class MoeLayer(nn.Module):
@@ -213,6 +255,12 @@ class MoeLayer(nn.Module):
                       name="experts")(expert_batch, deterministic)
     y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
     y = y.reshape(-1, h)[:num_tokens].reshape(batch, seq_len, h).astype(x.dtype)
+    # Not at init (which makes every collection mutable): records are never variables.
+    if self.is_mutable_collection(ROUTING_RECORDS) and not self.is_initializing():
+      record = routing_record(routed, mask)
+      self.sow(ROUTING_RECORDS, "record", jax.tree.map(
+          lambda a: a.reshape((-1,) + a.shape[2:])[:num_tokens].reshape(
+              (batch, seq_len) + a.shape[2:]), record))
     aux = MoeAux(aux_loss=routed.aux_loss, z_loss=routed.z_loss,
                  metrics=routing_metrics(routed, mask, capacity))
     return y, aux

@@ -163,13 +163,14 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
     done = step + 1
     if summed_steps and (done % log_every == 0 or done == train_steps):
       seconds = (time.perf_counter() - step_start) / summed_steps
-      last = metrics_lib.scalars(jax.tree.map(lambda x: x / summed_steps, summed))
+      means = jax.tree.map(lambda x: x / summed_steps, summed)
+      last = metrics_lib.scalars(means)
       summed, summed_steps = None, 0
       tokens_per_s = batch_size * sequence_length / seconds
       last.update({"step_time_s": seconds, "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * train_flops / peak_flops})
       if writer is not None:
-        writer.write(done, last)
+        writer.write(done, last, vectors=metrics_lib.vectors(means))
       progress.update(done, last)
     if eval_every and eval_tasks and (done % eval_every == 0 or done == train_steps):
       evaluate(done)
