@@ -6,8 +6,12 @@ import sys
 CORE = ["moe_jax", "moe_jax.routing", "moe_jax.dispatch", "moe_jax.experts", "moe_jax.moe_layer",
         "moe_jax.optimizers", "moe_jax.checkpoints", "moe_jax.train_step",
         "moe_jax.attention", "moe_jax.dense", "moe_jax.model", "moe_jax.decoding",
-        "moe_jax.params", "moe_jax.config", "moe_jax.interop.huggingface"]
-FORBIDDEN = ["tensorflow", "seqio", "tensorflow_datasets", "torch", "transformers", "safetensors"]
+        "moe_jax.params", "moe_jax.config", "moe_jax.interop.huggingface",
+        # Routing analysis: numpy at import time, pandas and matplotlib only when asked.
+        "moe_jax.analysis.records", "moe_jax.analysis.recorder", "moe_jax.analysis.analyses",
+        "moe_jax.analysis.report", "moe_jax.analyze"]
+FORBIDDEN = ["tensorflow", "seqio", "tensorflow_datasets", "torch", "transformers", "safetensors",
+             "matplotlib", "pandas"]
 
 
 def test_core_imports_no_heavy_frameworks():

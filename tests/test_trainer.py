@@ -27,6 +27,7 @@ from moe_jax import optimizers
 from moe_jax import partitioning as part
 from moe_jax import train_step as ts
 from moe_jax import trainer
+from moe_jax.analysis.records import RoutingRecords
 
 N = 12  # steps before the kill point; the runs go to 2N
 FILES = ["gin_configs/models/openmoe_base_16e_tiny.gin", "gin_configs/runs/tiny_cpu.gin"]
@@ -105,6 +106,11 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_run(uninterrupted
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(
       os.path.join(uninterrupted, "train")))
   assert os.path.exists(os.path.join(uninterrupted, "operative_config.gin"))
+  # metrics.jsonl keeps per-expert loads whole (TensorBoard gets their max/min and CV).
+  train_rows = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl"))
+                if '"split": "train"' in l]
+  loads = [v for k, v in train_rows[-1].items() if k.endswith("/expert_load_before")]
+  assert loads and all(isinstance(v, list) and len(v) > 1 and min(v) >= 0 for v in loads)
 
 
 @pytest.mark.slow
@@ -181,6 +187,26 @@ def test_evaluate_infer_and_finetune_from_a_run(uninterrupted, tmp_path):
                        "--gin.MIXTURE_OR_TASK_NAME='local_code_s_8k'", "--gin.EVAL_TASKS=[]"])
   last = trainer.train()  # pylint: disable=missing-kwoa
   assert np.isfinite(last["loss/total"])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_routing_report_of_a_run(uninterrupted, tmp_path):
+  from moe_jax import analyze as analyze_lib  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "report")
+  path = analyze_lib.analyze([f"--checkpoint={uninterrupted}", "--task=english=local_english_lm_8k",
+                              "--task=code=local_code_lm_8k", "--max_tokens=1500",
+                              "--sequence_length=64", "--batch_size=8",
+                              "--capacity_factors=0.5,2.0", f"--out={out}"])
+  text = open(path).read()
+  assert f"step {2 * N}" in text and f"compared with steps | {N}" in text
+  for name in ("expert_load", "dead_experts", "router_confidence", "token_specialization",
+               "drops_by_position", "routing_agreement"):
+    assert os.path.getsize(os.path.join(out, f"{name}.png")) > 1000, name
+    assert f"({name}.png)" in text
+  records = RoutingRecords.load(os.path.join(out, f"records_step{2 * N}.npz"))
+  assert records.label_names == ("english", "code") and records.step == 2 * N
+  assert 1500 < records.num_tokens <= 3000
 
 
 def test_gin_typos_fail_before_compiling_with_the_closest_names():

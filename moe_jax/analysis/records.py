@@ -96,6 +96,9 @@ class RoutingRecords:
                        f"{self.expert.shape}, {self.gate.shape}, {self.status.shape}.")
     if self.top_expert.shape != self.top_prob.shape:
       raise ValueError("top_expert and top_prob must have the same shape [M, N, P].")
+    if "all" in self.label_names:
+      raise ValueError("'all' is reserved for the whole records in the analyses; rename that "
+                       "label.")
     if self.router not in ("token_choice", "expert_choice"):
       raise ValueError(f"router must be 'token_choice' or 'expert_choice', got {self.router!r}.")
 
