@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup train demo test bench
+.PHONY: setup train analyze demo test bench
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ TRAIN_FLAGS ?=
 train: $(STAMP)
 	$(PY) -m moe_jax.train --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin \
 	  --gin_file=gin_configs/runs/tiny_cpu.gin $(TRAIN_FLAGS)
+
+# The routing report of that run (runs/tiny_cpu/routing_report/report.md): per-domain expert
+# load, token specialization, drops by position per capacity factor, checkpoint agreement.
+analyze: $(STAMP)
+	$(PY) -m moe_jax.analyze --checkpoint=runs/tiny_cpu --compare_steps=all \
+	  --task=code=local_code_lm_8k --task=english=local_english_lm_8k \
+	  --task=multilingual=local_multilingual_lm_8k
 
 demo: $(STAMP)
 	$(PY) -m moe_jax.demo

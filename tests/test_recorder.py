@@ -217,6 +217,9 @@ def test_max_tokens_text_batches_and_storage(unscanned, tmp_path):
                                 [0] + encode("abc"))
   full = recorder.record_routing(model, variables, batches)
   assert full.num_tokens == 4 + 12 + 16
+  # Compact: 22 bytes of token fields + per layer 5 per recorded choice (R = 2), 4 per
+  # recorded probability (P = E = 4) and 4 (entropy, num_chosen).
+  assert full.nbytes == full.num_tokens * (22 + 2 * (5 * 2 + 4 * 4 + 4))
   assert full.label_names == () and np.all(full.label == -1)
   cut = recorder.record_routing(model, variables, batches, max_tokens=10)
   assert cut.num_tokens == 10

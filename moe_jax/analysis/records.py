@@ -26,8 +26,8 @@ choices per token and P recorded router probabilities per token:
 
 Token choice records R = k choices; expert choice records the R = min(E, 8) best, so per-expert
 loads computed from `expert` are exact for token choice and for expert choice whenever
-num_chosen <= R. About 30 + 7·R·M + 4·P·M bytes per token: a million tokens of a one-MoE-layer
-top-2 model with P = 8 take ~90 MB.
+num_chosen <= R. Size: 22 + M·(5·R + 4·P + 4) bytes per token — a million tokens of a
+one-MoE-layer top-2 model with P = 8 take 68 MB; with 12 MoE layers, 574 MB.
 """
 from __future__ import annotations
 
