@@ -14,7 +14,7 @@ def _cell(value) -> str:
     if math.isnan(value) or math.isinf(value):
       return str(value)
     return f"{value + 0.0:.4g}"  # + 0.0: no "-0"
-  return str(value).replace("|", "\\|").replace("\n", " ")
+  return str(value).replace("|", "\\|").replace("\n", "\\n").replace("\t", "\\t")
 
 
 def markdown_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
