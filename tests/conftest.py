@@ -17,3 +17,18 @@ os.environ.setdefault("MOE_JAX_TFDS_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"), "moe_jax_tests", _RUN_ID))
 # TensorFlow (data tests only) must not grab every core's threads or print CUDA noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings_from_earlier_tests():
+  """Every test starts from an empty gin config. Tests that parse gin files (presets, the
+  moe_vs_dense configs) leave their bindings behind, and a later test on the same xdist worker
+  calling a configurable with defaults (e.g. `create_optimizer()`) would silently get them:
+  which test ran first depended on scheduling."""
+  if "gin" in sys.modules:
+    sys.modules["gin"].clear_config()
+  yield
