@@ -251,7 +251,6 @@ def test_adamw_without_schedule_is_an_error():
 
 
 def test_gin_configures_the_optimizer():
-  gin.clear_config()
   try:
     gin.parse_config("""
         create_optimizer.name = "adafactor"
