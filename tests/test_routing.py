@@ -256,3 +256,17 @@ def test_router_is_float32_for_bfloat16_inputs():
   out, variables = _run(router, jnp.asarray(x, jnp.bfloat16), mask, 8)
   assert out.logits.dtype == jnp.float32 and out.routing.combine_weights.dtype == jnp.float32
   assert variables["params"]["logits"]["kernel"].value.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_indices_picks_like_lax_top_k(k):
+  """Selection by rounds of argmax equals lax.top_k: descending, ties to the lower index,
+  and rows whose scores are (partly) -inf fall back to the first entries not yet taken."""
+  rng = np.random.default_rng(k)
+  scores = rng.integers(0, 4, size=(3, 50, 6)).astype(np.float32)  # many ties
+  scores[0, :5] = -np.inf                                         # all -inf rows
+  scores[1, :5, 1:] = -np.inf                                     # one finite entry
+  scores[2, :5, ::2] = -np.inf
+  got = np.asarray(routing.top_k_indices(jnp.asarray(scores), k))
+  want = np.asarray(jax.lax.top_k(jnp.asarray(scores), k)[1])
+  np.testing.assert_array_equal(got, want)
