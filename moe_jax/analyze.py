@@ -79,7 +79,8 @@ def _model_and_checkpoints(args, files, bindings):
       if not os.path.exists(config):
         raise SystemExit(f"no config.gin beside {path}: give the model's --gin_file flags.")
       files = [config]
-  return config_lib.load_model(files, bindings), ckpt_dir, model_dir
+  # The analyses run the model on one device, whatever mesh the run trained on.
+  return config_lib.load_model(files, bindings + ["MOE_LAYOUT = 'packed'"]), ckpt_dir, model_dir
 
 
 def load_variables(model, ckpt_dir: Optional[str], step: Optional[int] = None,

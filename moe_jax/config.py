@@ -6,6 +6,7 @@ the current directory. The model is whatever the files bind to the macro `MODEL`
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence, Tuple
 
@@ -80,3 +81,28 @@ MODEL_BINDINGS = ("moe_jax.config._configured_model.model = %MODEL",
 def configured_rules():
   """The logical axis rules the files given to `load_model` bind to `PARTITIONING_RULES`."""
   return tuple(tuple(rule) for rule in _configured_rules())
+
+
+# The MoE layers' layout follows the run's mesh (runs/pretrain.gin, runs/eval.gin bind the
+# macros MOE_LAYOUT and NUM_EXPERT_PARTITIONS to these), so operative_config.gin shows what a
+# layer computes with; a model built without a run gin keeps the single-device defaults.
+@gin.configurable(module="moe_jax.config")
+def moe_layout(mesh: str = gin.REQUIRED) -> str:
+  """"grouped" when the run's mesh spans more than one device, else "packed"."""
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
+  return "grouped" if math.prod(_mesh_sizes(mesh, partitioning)) > 1 else "packed"
+
+
+@gin.configurable(module="moe_jax.config")
+def expert_partitions(mesh: str = gin.REQUIRED, rules=gin.REQUIRED) -> int:
+  """Devices the logical `expert` axis is split over on the run's mesh under `rules`."""
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
+  sizes = dict(zip(partitioning.MESH_AXES, _mesh_sizes(mesh, partitioning)))
+  axes = dict(rules).get("expert")
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(sizes[a] for a in axes)
+
+
+def _mesh_sizes(mesh: str, partitioning) -> tuple:
+  import jax  # pylint: disable=g-import-not-at-top
+  return partitioning.mesh_shape(jax.device_count(), **partitioning.parse_mesh(mesh))

@@ -289,9 +289,6 @@ def make_dispatcher(name: str, grouped: bool = False):
   if name == "gather":
     return GatherDispatcher(grouped)
   if name == "dropless" and grouped:
-    raise ValueError(
-        "dispatch='dropless' runs on a single device for now (its ragged layout spans all "
-        "groups, so no mesh of more than one device, not even data-parallel). On a mesh use "
-        "dispatch='gather' with a capacity factor (eval_capacity_factor high enough for no "
-        "drops).")
+    raise ValueError("dispatch='dropless' with the grouped layout is expert parallelism: "
+                     "moe_layer runs it through expert_parallel.py, not a dispatcher.")
   return {"einsum": EinsumDispatcher, "dropless": DroplessDispatcher}[name]()

@@ -74,7 +74,11 @@ def main(argv=None):
 
   from moe_jax import config, partitioning as part, train_step as ts
 
-  lm = config.load_model(files, bindings)
+  # The MoE layers' layout for this mesh, as runs/pretrain.gin sets it for a training run
+  # (the flags' own bindings come after, so they win).
+  layout = [f"MOE_LAYOUT = '{'grouped' if num_devices > 1 else 'packed'}'",
+            f"NUM_EXPERT_PARTITIONS = {sizes.get('expert', 1)}"]
+  lm = config.load_model(files, layout + list(bindings))
   module = lm.module
   mesh = part.make_mesh(**sizes)
   rules = (config.configured_rules() if args.fsdp is None

@@ -80,10 +80,18 @@ class Experts(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, batch: ExpertBatch, deterministic: bool = True) -> Array:
+  def __call__(self, batch: Optional[ExpertBatch], deterministic: bool = True,
+               model_dim: Optional[int] = None, distribute: Optional[Callable] = None):
+    """Applies the experts to `batch`, or hands them to `distribute`.
+
+    distribute: for expert parallelism (expert_parallel.py), a callable
+      `distribute(local_ffn, w_in, w_gate, w_out)` that moves tokens to the devices holding
+      the weights and runs `local_ffn(rows, group_sizes, w_in, w_gate, w_out)` there on the
+      local shards; its result is returned as is. `batch` is then None and `model_dim` gives H.
+    """
     act, gated = ACTIVATIONS[self.activation]
-    x = batch.inputs.astype(self.dtype)
-    e, h, f = self.num_experts, x.shape[-1], self.hidden_dim
+    h = model_dim if batch is None else batch.inputs.shape[-1]
+    e, f = self.num_experts, self.hidden_dim
 
     def weight(name, shape, axes):
       init = nn.with_logical_partitioning(self.kernel_init, axes)
@@ -93,10 +101,20 @@ class Experts(nn.Module):
     w_gate = weight("wi_gate", (e, h, f), ("expert", "embed", "expert_mlp")) if gated else None
     w_out = weight("wo", (e, f, h), ("expert", "expert_mlp", "embed"))
 
+    capacity_kernel, ragged_kernel = IMPLEMENTATIONS[self.implementation]
+    if distribute is not None:
+      if self.dropout_rate > 0 and not deterministic:
+        raise ValueError("expert dropout (expert_dropout_rate > 0) in training is not "
+                         "implemented with dropless expert parallelism (layout='grouped'); "
+                         "use dispatch='gather' for fine-tuning with expert dropout.")
+      dtype = self.dtype
+      local_ffn = lambda rows, sizes, wi, wg, wo: expert_kernels.ragged_ffn(
+          rows.astype(dtype), sizes, wi, wg, wo, act, implementation=ragged_kernel)
+      return distribute(local_ffn, w_in, w_gate, w_out)
+    x = batch.inputs.astype(self.dtype)
     if self.dropout_rate > 0 and not deterministic:
       drop = nn.Dropout(self.dropout_rate, deterministic=False)
       return _reference_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act, drop)
-    capacity_kernel, ragged_kernel = IMPLEMENTATIONS[self.implementation]
     if batch.group_sizes is not None:
       return expert_kernels.ragged_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act,
                                        implementation=ragged_kernel)

@@ -12,6 +12,7 @@ weights them into the total loss (aux_loss_weight, router_z_loss_weight).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import expert_parallel
 from moe_jax.experts import Experts, check_activation, check_implementation
 from moe_jax.routing import (ExpertChoiceRouter, RouterOutput, TokenChoiceRouting,
                              compute_capacity)
@@ -50,20 +52,19 @@ class MoeAux:
     router_entropy          mean over tokens of −Σ_e p_e log p_e
     router_confidence       mean over tokens of max_e p_e
     capacity                slots per expert per group (0 for dropless)
+    overflow_fraction       dropless expert parallelism with a bounded receive buffer: the
+                            assignments that did not fit it (0 otherwise; not in dropped_fraction)
   """
   aux_loss: Array
   z_loss: Array
   metrics: Dict[str, Array]
 
 
-def mesh_is_active() -> bool:
-  """True under `jax.set_mesh` with more than one device (partitioning.activate)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.size > 1
+LAYOUTS = ("packed", "grouped")
 
 
-def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[int]
-                    ) -> Dict[str, Array]:
+def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[int],
+                    overflow: Optional[Array] = None) -> Dict[str, Array]:
   """Per-layer routing statistics over real tokens (padding_mask [G, S], 1 = real)."""
   mask = padding_mask.astype(jnp.float32)
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
@@ -84,6 +85,8 @@ def routing_metrics(out: RouterOutput, padding_mask: Array, capacity: Optional[i
       "router_entropy": jnp.sum(entropy * mask) / tokens,
       "router_confidence": jnp.sum(jnp.max(p, axis=-1) * mask) / tokens,
       "capacity": jnp.asarray(capacity or 0, jnp.int32),
+      "overflow_fraction": (jnp.zeros((), jnp.float32) if overflow is None else
+                            overflow.astype(jnp.float32) / jnp.maximum(jnp.sum(admitted), 1.0)),
   }
 
 
@@ -137,9 +140,22 @@ class MoeLayer(nn.Module):
     expert_dropout_rate: dropout on the experts' hidden units (training only).
     dtype: activation/computation dtype of the experts (the router is always float32).
     expert_implementation: "auto" (fastest for the backend), "reference" (plain batched einsum
-      / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py.
-    num_expert_partitions: devices the experts are split over (the size of the expert-parallel
-      mesh axis, as flaxformer's field of that name); num_experts must divide evenly.
+      / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py. With
+      layout="grouped" and a capacity dispatch, "auto" means "reference": a loop over an
+      expert axis split across devices would gather every expert's weights to every device.
+    layout: how tokens are laid out for the experts (set from the mesh by the run's gin:
+      runs/pretrain.gin derives MOE_LAYOUT from MESH, so operative_config.gin shows it).
+      "packed": one device; each expert's rows from all groups are contiguous.
+      "grouped": a device mesh; every group's rows stay on its device until an all-to-all
+      (gather, einsum) or dropless expert parallelism in shard_map (expert_parallel.py)
+      moves them to the experts' devices. Both compute the same function.
+    num_expert_partitions: devices the experts are split over (the size of the mesh axes of
+      the logical `expert` axis, as flaxformer's field of that name); num_experts must
+      divide evenly. Dropless expert parallelism checks it against the mesh.
+    transport: dropless expert parallelism's transport (expert_parallel.TRANSPORTS).
+    receive_buffer_factor: dropless expert parallelism: None (each device's receive buffer
+      holds the worst case: nothing is ever dropped) or f >= 1, a buffer of f times the even
+      share of rows; what does not fit is counted in the `overflow_fraction` metric.
   """
   router: nn.Module
   expert_hidden_dim: int
@@ -153,12 +169,19 @@ class MoeLayer(nn.Module):
   expert_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   expert_implementation: str = "auto"
+  layout: str = "packed"
   num_expert_partitions: int = 1
+  transport: str = "auto"
+  receive_buffer_factor: Optional[float] = None
 
   def __post_init__(self):
     check_activation(self.activation)
     dispatch_lib.make_dispatcher(self.dispatch)  # validates the name
     check_implementation(self.expert_implementation)
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}.")
+    expert_parallel.check_transport(self.transport)
+    expert_parallel.check_receive_buffer_factor(self.receive_buffer_factor)
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       value = getattr(self, name)
       if not (math.isfinite(value) and value > 0):
@@ -236,24 +259,38 @@ class MoeLayer(nn.Module):
     groups = tokens.reshape(-1, s, h)
     mask = mask.reshape(-1, s)
 
-    # On a mesh the groups are split like the batch; dispatch then uses the grouped layout
-    # whose change to expert-sharded buffers is an all-to-all (dispatch.py).
+    # On a mesh the groups are split like the batch (the grouped layouts keep them there).
     groups = nn.with_logical_constraint(groups, ("group", None, "act_embed"))
-    sharded = mesh_is_active()
+    grouped = self.layout == "grouped"
     capacity = self.capacity(s, deterministic)
     routed = self.router(groups, mask, capacity, deterministic)
-    dispatcher = dispatch_lib.make_dispatcher(self.dispatch, grouped=sharded)
-    expert_batch, state = dispatcher.dispatch(groups.astype(self.dtype), routed.routing,
-                                              self.num_experts, capacity)
-    outputs = Experts(self.num_experts, self.expert_hidden_dim, self.activation,
-                      self.expert_dropout_rate, self.dtype,
-                      # A loop over a sharded expert axis would gather every expert's
-                      # weights to every device: on a mesh, "auto" means batched einsums.
-                      implementation=("reference" if sharded and
-                                      self.expert_implementation == "auto"
-                                      else self.expert_implementation),
-                      name="experts")(expert_batch, deterministic)
-    y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
+    # Initialisation only creates the parameters (the same ones either way): it needs no mesh.
+    ep_dropless = grouped and self.dispatch == "dropless" and not self.is_initializing()
+    implementation = self.expert_implementation
+    if grouped and not ep_dropless and implementation == "auto":
+      implementation = "reference"
+    experts = Experts(self.num_experts, self.expert_hidden_dim, self.activation,
+                      self.expert_dropout_rate, self.dtype, implementation=implementation,
+                      name="experts")
+    overflow = None
+    if ep_dropless:
+      r = routed.routing
+      distribute = functools.partial(
+          expert_parallel.expert_parallel_dropless, x=groups.astype(self.dtype),
+          expert_index=jnp.where(r.kept, r.expert_index, -1).astype(jnp.int32),
+          gates=jnp.where(r.kept, r.combine_weights, 0.0), num_experts=self.num_experts,
+          expert_partitions=self.num_expert_partitions, transport=self.transport,
+          receive_buffer_factor=self.receive_buffer_factor)
+      y, overflow = experts(None, deterministic, model_dim=h,
+                            distribute=lambda ffn, wi, wg, wo: distribute(ffn, w_in=wi,
+                                                                          w_gate=wg, w_out=wo))
+    else:
+      dispatcher = dispatch_lib.make_dispatcher(
+          self.dispatch, grouped=grouped and self.dispatch != "dropless")
+      expert_batch, state = dispatcher.dispatch(groups.astype(self.dtype), routed.routing,
+                                                self.num_experts, capacity)
+      outputs = experts(expert_batch, deterministic)
+      y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
     y = y.reshape(-1, h)[:num_tokens].reshape(batch, seq_len, h).astype(x.dtype)
     # Not at init (which makes every collection mutable): records are never variables.
     if self.is_mutable_collection(ROUTING_RECORDS) and not self.is_initializing():
@@ -262,5 +299,5 @@ class MoeLayer(nn.Module):
           lambda a: a.reshape((-1,) + a.shape[2:])[:num_tokens].reshape(
               (batch, seq_len) + a.shape[2:]), record))
     aux = MoeAux(aux_loss=routed.aux_loss, z_loss=routed.z_loss,
-                 metrics=routing_metrics(routed, mask, capacity))
+                 metrics=routing_metrics(routed, mask, capacity, overflow))
     return y, aux

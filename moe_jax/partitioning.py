@@ -20,6 +20,7 @@ the MoE groups) is split over replica × data × expert; expert weights [E, H, F
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -181,11 +182,22 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
     raise ValueError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
                      f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
   if getattr(module, "moe_layer", None) is not None:
-    num_experts = module.moe_layer().num_experts
+    layer = module.moe_layer()
+    num_experts = layer.num_experts
     e = logical_axis_size(mesh, rules, "expert")
     if num_experts % e:
       raise ValueError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
                        f"({e} devices); choose a multiple of {e} experts or a smaller axis.")
+    if layer.layout == "grouped" and layer.num_expert_partitions != e:
+      raise ValueError(
+          f"num_expert_partitions={layer.num_expert_partitions} but the mesh splits the experts "
+          f"over {e} devices: set NUM_EXPERT_PARTITIONS = {e} (runs/pretrain.gin derives it "
+          "from MESH).")
+    if layer.layout == "packed" and mesh.size > 1:
+      logging.warning(
+          "MoE layout 'packed' on a mesh of %d devices: correct, but XLA moves every group's "
+          "rows to every device; set MOE_LAYOUT = 'grouped' (runs/pretrain.gin does).",
+          mesh.size)
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,4 +26,7 @@ def test_dry_run_rejects_experts_not_divisible_by_the_expert_axis():
        "--mesh=data:2,expert:3", "--seq_len", "16"],
       capture_output=True, text=True, cwd=config.REPO_ROOT, check=False)
   assert out.returncode != 0
-  assert "num_experts=8 is not divisible by the 'expert' mesh axis (3 devices)" in out.stderr
+  # The mesh sets the layers' num_expert_partitions (as runs/pretrain.gin does for training),
+  # and the layer refuses it before anything compiles.
+  assert ("num_experts=8 must be divisible by num_expert_partitions=3 (the expert-parallel "
+          "mesh axis)") in out.stderr
