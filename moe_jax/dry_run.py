@@ -30,12 +30,22 @@ def _parse(argv):
   parser.add_argument("--fsdp", default=None, action=argparse.BooleanOptionalAction,
                       help="also split weights over `data` (default: the preset's FSDP)")
   parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
+  parser.add_argument("--transport", default=None,
+                      choices=["auto", "all_gather", "ragged_all_to_all"],
+                      help="dropless expert parallelism's transport (default: the preset's)")
+  parser.add_argument("--target_backend", default="gpu", choices=["gpu", "tpu", "cpu"],
+                      help="the backend the job is planned for: 'auto' transports resolve as "
+                      "there; a transport XLA:CPU cannot compile is reported from the lowered "
+                      "program")
   args = parser.parse_args(rest)
   if not files:
     parser.error("give a --gin_file")
   return files, bindings, args
 
 
+LOWERED_COLLECTIVES = ("stablehlo.all_to_all", "ragged_all_to_all", "stablehlo.all_gather",
+                       "stablehlo.reduce_scatter", "stablehlo.all_reduce",
+                       "stablehlo.collective_permute")
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
 
@@ -72,12 +82,14 @@ def main(argv=None):
   import optax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from moe_jax import config, partitioning as part, train_step as ts
+  from moe_jax import config, expert_parallel, partitioning as part, train_step as ts
 
   # The MoE layers' layout for this mesh, as runs/pretrain.gin sets it for a training run
   # (the flags' own bindings come after, so they win).
   layout = [f"MOE_LAYOUT = '{'grouped' if num_devices > 1 else 'packed'}'",
             f"NUM_EXPERT_PARTITIONS = {sizes.get('expert', 1)}"]
+  if args.transport:
+    layout.append(f"DROPLESS_TRANSPORT = '{args.transport}'")
   lm = config.load_model(files, layout + list(bindings))
   module = lm.module
   mesh = part.make_mesh(**sizes)
@@ -104,8 +116,14 @@ def main(argv=None):
   step = jax.jit(lambda s, b, r: ts.train_step(lm, optimizer, s, b, r),
                  out_shardings=(state_shardings, None), donate_argnums=0)
   start = time.time()
-  with part.activate(mesh, rules):
-    compiled = step.lower(state_in, batch, jax.random.PRNGKey(0)).compile()
+  with part.activate(mesh, rules), expert_parallel.planning_for(args.target_backend):
+    lowered = step.lower(state_in, batch, jax.random.PRNGKey(0))
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if "ragged-all-to-all" not in str(e):
+        raise
+      compiled = None  # XLA:CPU: "UNIMPLEMENTED: HLO opcode ragged-all-to-all"
   seconds = time.time() - start
 
   def per_device_bytes(tree, shardings):
@@ -115,12 +133,22 @@ def main(argv=None):
                for a, s in zip(leaves, shards))
 
   gib = lambda n: f"{n / 2**30:.3f} GiB"
-  mem = compiled.memory_analysis()
   print(f"preset {' '.join(files)}; mesh {dict(mesh.shape)} ({num_devices} devices); batch "
         f"{batch_size} x {args.seq_len}; {args.optimizer}; fsdp={fsdp}; "
-        f"compiled in {seconds:.0f} s")
+        f"{'compiled' if compiled is not None else 'lowered'} in {seconds:.0f} s")
   print(f"per device: params {gib(per_device_bytes(abstract_state.params, state_shardings.params))}"
         f", optimizer {gib(per_device_bytes(abstract_state.opt_state, opt_shardings))}")
+  moe = _moe_report(module, mesh, rules, batch_size * args.seq_len, args.target_backend)
+  if compiled is None:
+    text = lowered.as_text()
+    counts = {kind: len(re.findall(rf"\b{kind}\b", text)) for kind in LOWERED_COLLECTIVES}
+    print("XLA:CPU cannot compile the ragged all-to-all: no compiled memory analysis; the "
+          "lowered program's collectives: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if moe:
+      print(f"estimated per device beyond parameters and optimizer: the MoE receive buffer "
+            f"{gib(moe['buffer_bytes'])} and sorted rows {gib(moe['sorted_bytes'])} per layer")
+    return counts
+  mem = compiled.memory_analysis()
   if mem is not None:
     print(f"compiled memory per device: arguments {gib(mem.argument_size_in_bytes)}, outputs "
           f"{gib(mem.output_size_in_bytes)}, temporaries (activations + scratch) "
@@ -132,6 +160,36 @@ def main(argv=None):
     if shapes:
       print(f"  largest {kind} results: {', '.join(shapes)}")
   return counts
+
+
+def _moe_report(module, mesh, rules, tokens: int, target_backend: str):
+  """Prints the dropless transport's exchange per MoE layer against the ideal; returns the
+  figures (or None for a model without dropless expert parallelism)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from moe_jax import expert_parallel, partitioning as part  # pylint: disable=g-import-not-at-top
+  if getattr(module, "moe_layer", None) is None:
+    return None
+  layer = module.moe_layer()
+  if layer.dispatch != "dropless" or layer.layout != "grouped":
+    return None
+  ep = part.logical_axis_size(mesh, rules, "expert")
+  local_tokens = tokens // part.logical_axis_size(mesh, rules, "group")
+  k = layer.router.num_selected_experts
+  itemsize = jnp.dtype(module.dtype).itemsize
+  moved = expert_parallel.exchange_bytes(local_tokens, k, module.d_model, ep, itemsize)
+  transport = expert_parallel.resolve_transport(layer.transport, target_backend)
+  rows = expert_parallel.buffer_rows(local_tokens, k, ep, layer.num_experts // ep,
+                                     layer.receive_buffer_factor)
+  mib = lambda n: f"{n / 2**20:.1f} MiB"
+  print(f"dropless expert parallelism ({transport} transport on {target_backend}; EP={ep}, "
+        f"{local_tokens} tokens per device, k={k}, H={module.d_model}): per MoE layer, device "
+        f"and direction the ideal exchange k·T·H is {mib(moved['ideal'])}; "
+        f"ragged_all_to_all moves {mib(moved['ragged_all_to_all'])} "
+        f"({moved['ragged_all_to_all'] / moved['ideal']:.2f}x), all_gather "
+        f"{mib(moved['all_gather'])} ({moved['all_gather'] / moved['ideal']:.2f}x, about (EP-1)/k); "
+        f"receive buffer {rows} rows ({mib(rows * module.d_model * itemsize)})")
+  return {"buffer_bytes": rows * module.d_model * itemsize,
+          "sorted_bytes": k * local_tokens * module.d_model * itemsize, **moved}
 
 
 if __name__ == "__main__":

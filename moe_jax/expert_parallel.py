@@ -37,6 +37,7 @@ nothing ever overflows.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Optional, Sequence, Tuple
@@ -66,11 +67,26 @@ def check_receive_buffer_factor(value: Optional[float]) -> None:
         f">= 1 (times the even share k·T_l rows per device), got {value}.")
 
 
+# A dry run on CPU devices that plans a GPU/TPU job lowers (not compiles) the ragged transport.
+_PLANNED_BACKEND: Optional[str] = None
+
+
+@contextlib.contextmanager
+def planning_for(backend: str):
+  """Within it, transports resolve as on `backend` (moe_jax.dry_run's --target_backend)."""
+  global _PLANNED_BACKEND
+  previous, _PLANNED_BACKEND = _PLANNED_BACKEND, backend
+  try:
+    yield
+  finally:
+    _PLANNED_BACKEND = previous
+
+
 def resolve_transport(name: str, backend: Optional[str] = None) -> str:
   """The transport `name` stands for on `backend` (default: JAX's): "auto" is the ragged
   all-to-all where XLA implements it (GPU, TPU), else the all-gather transport."""
   check_transport(name)
-  backend = backend or jax.default_backend()
+  backend = backend or _PLANNED_BACKEND or jax.default_backend()
   if name == "auto":
     return "ragged_all_to_all" if backend in RAGGED_BACKENDS else "all_gather"
   if name == "ragged_all_to_all" and backend not in RAGGED_BACKENDS:
@@ -90,6 +106,19 @@ def buffer_rows(local_tokens: int, k: int, expert_partitions: int, local_experts
     return worst
   bounded = -(-math.ceil(receive_buffer_factor * k * local_tokens) // 8) * 8
   return max(1, min(worst, bounded))
+
+
+def exchange_bytes(local_tokens: int, k: int, model_dim: int, expert_partitions: int,
+                   itemsize: int) -> dict:
+  """Bytes one device sends per MoE layer and direction (the return trip is the same):
+  the ideal exchange k·T_l·H (each assignment's row once), and what each transport moves."""
+  ideal = k * local_tokens * model_dim * itemsize
+  return {"ideal": ideal,
+          # the ragged rows (its own experts' included as a local copy; under uniform routing
+          # (EP−1)/EP of them leave the device), plus [EP]-sized counts and offsets
+          "ragged_all_to_all": ideal + 3 * expert_partitions * 4,
+          # the gathered tokens (and routing) of the EP − 1 other devices of the expert group
+          "all_gather": (expert_partitions - 1) * local_tokens * (model_dim * itemsize + 8 * k)}
 
 
 def _axes(spec_entry) -> Tuple[str, ...]:
@@ -284,6 +313,9 @@ def expert_parallel_dropless(local_ffn: LocalFfn, x: Array, expert_index: Array,
   expert_axes = _axes(nn.logical_to_mesh_axes(("expert",))[0])
   model_axes = _axes(nn.logical_to_mesh_axes(("expert_mlp",))[0])
   sizes = dict(mesh.shape)
+  # Axes of size 1 move nothing: leave them out of the collectives.
+  group_axes, expert_axes, model_axes = (tuple(a for a in axes if sizes[a] > 1) for axes in
+                                         (group_axes, expert_axes, model_axes))
   ep = math.prod(sizes[a] for a in expert_axes)
   if ep != expert_partitions:
     raise ValueError(

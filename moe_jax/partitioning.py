@@ -229,21 +229,92 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules):
           for k, v in local.items()}
 
 
+def _cpu_only(multiprocess_gpu: bool) -> bool:
+  """Whether this process will run JAX on the CPU backend only (decided before JAX starts a
+  backend): JAX_PLATFORMS says "cpu", or it says nothing, --multiprocess_gpu is off and no GPU
+  or TPU plugin is installed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  platforms = str(jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "") or "")
+  if platforms:
+    return [p.strip() for p in platforms.split(",")] == ["cpu"]
+  accelerators = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
+  return not multiprocess_gpu and not any(importlib.util.find_spec(m) for m in accelerators)
+
+
+def cluster_detected() -> bool:
+  """A multi-process job JAX's own cluster detection can configure: SLURM or Open MPI with
+  more than one task, or a multi-host TPU VM slice."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1") or 1) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def wait_for_coordinator(address: str, timeout_s: float, process_id=None,
+                         num_processes=None) -> None:
+  """Waits until a TCP connection to the coordinator `host:port` succeeds; raises a
+  RuntimeError naming it after `timeout_s` seconds."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"--coordinator_address must be host:port, got {address!r}.")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(
+            f"the coordinator {address} did not answer within {timeout_s} s (this is process "
+            f"{process_id} of {num_processes}; process 0 serves the coordinator): start "
+            "process 0 with the same --coordinator_address, or fix the address "
+            f"(--distributed_timeout sets the wait). Last error: {e}") from None
+      time.sleep(0.25)
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
-                           local_device_ids: Optional[Sequence[int]] = None) -> None:
+                           local_device_ids: Optional[Sequence[int]] = None, *,
+                           multiprocess_gpu: bool = False, timeout_s: int = 300) -> None:
   """`jax.distributed.initialize` from arguments or the environment (MOE_JAX_COORDINATOR,
-  MOE_JAX_NUM_PROCESSES, MOE_JAX_PROCESS_ID); on TPU pods and SLURM clusters everything may be
-  left out and JAX finds it. On CPU, cross-process collectives use gloo."""
+  MOE_JAX_NUM_PROCESSES, MOE_JAX_PROCESS_ID); on TPU pods, SLURM and Open MPI everything may be
+  left out and JAX's cluster detection finds it. Call it before any JAX computation.
+
+  CPU processes exchange collectives through gloo; GPU and TPU processes use their backend's
+  own (NCCL, ICI/DCN), so gloo is switched on only for a CPU-only process. A coordinator that
+  does not answer within `timeout_s` seconds is an error naming it, not a hang.
+  """
   env = os.environ
   coordinator_address = coordinator_address or env.get("MOE_JAX_COORDINATOR")
   if num_processes is None and "MOE_JAX_NUM_PROCESSES" in env:
     num_processes = int(env["MOE_JAX_NUM_PROCESSES"])
   if process_id is None and "MOE_JAX_PROCESS_ID" in env:
     process_id = int(env["MOE_JAX_PROCESS_ID"])
-  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--process_count must be >= 1, got {num_processes}.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_index={process_id} must be in [0, --process_count="
+                     f"{num_processes}), i.e. 0 to {num_processes - 1}.")
+  if timeout_s < 1:
+    raise ValueError(f"--distributed_timeout must be >= 1 second, got {timeout_s}.")
+  if coordinator_address and process_id not in (None, 0):
+    # JAX's client aborts the whole process (a C++ fatal error) when the coordinator does not
+    # answer in time; probe it first so that the failure is an error that says what to do.
+    wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
+  if _cpu_only(multiprocess_gpu):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids,
+                               initialization_timeout=timeout_s)
+  except Exception as e:  # XLA raises a generic runtime error (DEADLINE_EXCEEDED, UNAVAILABLE)
+    raise RuntimeError(
+        f"jax.distributed could not start: process {process_id} of {num_processes} with "
+        f"coordinator {coordinator_address!r} (waited up to {timeout_s} s). Start every "
+        "process with the same --coordinator_address and --process_count (process 0 serves "
+        f"the coordinator at that host:port) and check the address is reachable. ({e})"
+    ) from None

@@ -56,7 +56,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
           checkpoint_every: int = 100, keep_checkpoints: int = 3,
           keep_every_steps: Optional[int] = None, init_checkpoint: Optional[str] = None,
           log_every: int = 10, on_nonfinite: str = "stop", progress_bar: bool = True,
-          nan_at_step: Optional[int] = None) -> dict:
+          input_shards: Optional[int] = None, nan_at_step: Optional[int] = None) -> dict:
   """Trains `model` (a DecoderOnlyLM) on a seqio mixture or task; returns the last metrics.
 
   Args:
@@ -64,14 +64,20 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
       run (fine-tuning); ignored when MODEL_DIR already holds a checkpoint (resume wins).
     on_nonfinite: "stop" (raise, naming the step; the last checkpoint stays the last good one)
       or "skip" (the step leaves the state unchanged and training goes on).
+    input_shards: the global batch's rows come from this many seqio shards of the mixture
+      (rows [i·B/n, (i+1)·B/n) from shard i), each process reading the shards that hold its
+      rows. None: one per process (t5x's layout: each host reads its own shard). Fixing it
+      makes a step's data independent of the number of processes (a run resumed on another
+      process count, or compared with one, sees the same batches).
     nan_at_step: test hook: the batch of this step gets NaN loss weights.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose 'stop' or 'skip'.")
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
   os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  if jax.process_index() == 0:  # one writer per run directory (multi-process runs)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
 
   # --- mesh, rules and checks before anything compiles ---------------------------------
   module = model.module
@@ -80,6 +86,10 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   part.validate(module, device_mesh, rules, batch_size)
   if batch_size % microbatches:
     raise ValueError(f"microbatches={microbatches} must divide batch_size={batch_size}.")
+  input_shards = input_shards or jax.process_count()
+  if input_shards < 1 or batch_size % input_shards:
+    raise ValueError(f"train.input_shards={input_shards} must be >= 1 and divide "
+                     f"batch_size={batch_size}.")
   tx = optimizer if optimizer is not None else optimizers.create_optimizer()
   schedule = getattr(tx, "learning_rate_fn", None)
   tx = getattr(tx, "tx", tx)
@@ -93,6 +103,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if checkpointer.latest_step() is not None:
     state, data = checkpointer.restore(target)
     print(f"Resumed from step {int(state.step)} ({data}).", flush=True)
+    if data.get("input_shards", input_shards) != input_shards:
+      logging.warning("The run's batches so far came from %s input shards, now from %d: the "
+                      "data from here on differs from an uninterrupted run's (set "
+                      "train.input_shards=%s to keep it).", data["input_shards"], input_shards,
+                      data["input_shards"])
   else:
     with part.activate(device_mesh, rules):
       variables = nn.meta.unbox(part.init_sharded(module, device_mesh, rules, tokens,
@@ -108,11 +123,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
   rows = part.host_batch_rows(device_mesh, rules, batch_size)
-  host_batch = rows.stop - rows.start
-  dataset = pipeline.get_dataset(
-      mixture_or_task, sequence_length, host_batch, seed=seed,
-      shard_index=rows.start // host_batch, shard_count=batch_size // host_batch)
-  batches = dataset.skip(start_step).as_numpy_iterator()
+  batches = _host_batches(pipeline, mixture_or_task, sequence_length, batch_size, rows,
+                          input_shards, seed, skip=start_step)
 
   # --- compiled steps ------------------------------------------------------------------
   rng = jax.random.PRNGKey(seed)
@@ -176,7 +188,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
       evaluate(done)
     if done % checkpoint_every == 0 or done == train_steps:
       checkpointer.save(done, state, {"batches_consumed": done, "seed": seed,
-                                      "mixture_or_task": mixture_or_task})
+                                      "mixture_or_task": mixture_or_task,
+                                      "input_shards": input_shards})
     if not summed_steps:  # just logged: time the next interval from here, after eval/save
       step_start = time.perf_counter()
   checkpointer.wait()
@@ -188,6 +201,22 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
     with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
       f.write(gin.operative_config_str())
   return last
+
+
+def _host_batches(pipeline, mixture_or_task: str, sequence_length: int, batch_size: int,
+                  rows: slice, input_shards: int, seed: int, skip: int):
+  """This process's rows of every global batch: global row r comes from input shard
+  r // (batch_size / input_shards), a seqio shard of the mixture read with the run's seed, so
+  which data a step sees does not depend on how many processes read it."""
+  per_shard = batch_size // input_shards
+  first, last = rows.start // per_shard, -(-rows.stop // per_shard)
+  streams = [pipeline.get_dataset(mixture_or_task, sequence_length, per_shard, seed=seed,
+                                  shard_index=i, shard_count=input_shards)
+             .skip(skip).as_numpy_iterator() for i in range(first, last)]
+  lo, hi = rows.start - first * per_shard, rows.stop - first * per_shard
+  while True:
+    parts = [next(stream) for stream in streams]
+    yield {k: np.concatenate([p[k] for p in parts])[lo:hi] for k in parts[0]}
 
 
 def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_length: int,
@@ -280,13 +309,42 @@ def _closest(name: str, candidates: Sequence[str]) -> str:
   return f" Closest: {', '.join(matches)}." if matches else ""
 
 
-def parse_flags(argv: Sequence[str]) -> None:
-  """Parses t5x-style gin flags; a missing gin file or a misspelled name fails here, before
-  anything compiles, naming the closest valid names."""
+def _distributed_flags(rest: Sequence[str]):
+  """t5x's multi-process flags -> (namespace, the arguments left over)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  parser.add_argument("--multiprocess_gpu", action="store_true",
+                      help="initialise jax.distributed on GPU hosts (SLURM/MPI fill the rest)")
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--process_count", type=int, default=None)
+  parser.add_argument("--process_index", type=int, default=None)
+  parser.add_argument("--distributed_timeout", type=int, default=300,
+                      help="seconds to wait for the coordinator and the other processes")
+  return parser.parse_known_args(list(rest))
+
+
+def parse_flags(argv: Sequence[str]):
+  """Parses t5x-style gin flags and the multi-process flags; a missing gin file, a misspelled
+  name or a bad process index fails here, before anything compiles, naming the closest valid
+  names. Returns the multi-process flags."""
   files, bindings, rest = config_lib.split_gin_args(argv)
+  distributed, rest = _distributed_flags(rest)
   if rest:
-    raise SystemExit(f"Unknown arguments {rest}; use --gin_file=..., --gin.NAME=value and "
-                     "--gin_search_paths=....")
+    raise SystemExit(f"Unknown arguments {rest}; use --gin_file=..., --gin.NAME=value, "
+                     "--gin_search_paths=... and the multi-process flags --coordinator_address, "
+                     "--process_count, --process_index, --multiprocess_gpu, "
+                     "--distributed_timeout.")
+  count, index = distributed.process_count, distributed.process_index
+  if count is not None and count < 1:
+    raise SystemExit(f"--process_count must be >= 1, got {count}.")
+  if index is not None and count is not None and not 0 <= index < count:
+    raise SystemExit(f"--process_index={index} must be in [0, --process_count={count}), i.e. "
+                     f"0 to {count - 1}.")
+  if (index is None) != (count is None) or (count is not None and count > 1
+                                             and not distributed.coordinator_address):
+    raise SystemExit("multi-process runs need --coordinator_address, --process_count and "
+                     "--process_index together (or none of them under SLURM, Open MPI or on a "
+                     "TPU pod, where JAX finds them).")
   known_files = sorted(glob.glob(os.path.join(config_lib.REPO_ROOT, "gin_configs", "**",
                                               "*.gin"), recursive=True))
   for path in files:
@@ -298,6 +356,27 @@ def parse_flags(argv: Sequence[str]) -> None:
     config_lib.parse_gin(files, list(bindings) + list(config_lib.MODEL_BINDINGS))
   except (ValueError, KeyError) as e:
     raise SystemExit(f"gin: {e}{_gin_suggestion(str(e))}") from None
+  return distributed
+
+
+def start_processes(flags) -> None:
+  """Joins the job's processes (jax.distributed) before any JAX computation, when the flags,
+  the MOE_JAX_* variables or a SLURM / Open MPI / TPU pod environment say it has several."""
+  given = (flags.multiprocess_gpu or flags.coordinator_address is not None
+           or flags.process_count is not None)
+  from_env = "MOE_JAX_COORDINATOR" in os.environ
+  if not (given or from_env or part.cluster_detected()):
+    return
+  if flags.process_count == 1:
+    return  # one process: nothing to join
+  try:
+    part.initialize_distributed(flags.coordinator_address, flags.process_count,
+                                flags.process_index, multiprocess_gpu=flags.multiprocess_gpu,
+                                timeout_s=flags.distributed_timeout)
+  except (RuntimeError, ValueError) as e:
+    raise SystemExit(str(e)) from None
+  logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _gin_suggestion(message: str) -> str:
@@ -320,6 +399,7 @@ def run_command(fn, argv=None) -> int:
   """The body of `python -m moe_jax.{train,evaluate,infer}`: gin flags, then `fn()`."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
-  parse_flags(sys.argv[1:] if argv is None else argv)
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  start_processes(flags)
   fn()  # everything comes from gin
   return 0

@@ -227,54 +227,59 @@ def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_ki
   assert counts["all-gather"] == 0, counts
 
 
+def _tiny_batch(vocab_size):
+  toks = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 1, vocab_size)
+  return toks, dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
+
+
+def _loss_and_grads(lm, deterministic):
+  return jax.jit(jax.value_and_grad(lambda v, b: lm.loss(v, b, deterministic=deterministic)[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def _single_device(preset, bindings, deterministic):
+  """Loss and gradients of the packed (single-device) model: computed once per worker and
+  shared by the mesh cases."""
+  lm = config.load_model([preset], list(bindings))
+  toks, batch = _tiny_batch(lm.module.vocab_size)
+  variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), toks)
+  loss, grads = _loss_and_grads(lm, deterministic)(variables, batch)
+  return float(loss), jax.tree.map(np.asarray, nn.meta.unbox(grads))
+
+
+def _check_sharded_model(preset, bindings, mesh_dims, deterministic):
+  """The preset with the layout a run on the mesh gets (MOE_LAYOUT, NUM_EXPERT_PARTITIONS),
+  initialised sharded: loss and gradients equal the single-device model's."""
+  loss, grads = _single_device(preset, tuple(bindings), deterministic)
+  mesh = mesh_of(*mesh_dims)
+  lm = config.load_model([preset], list(bindings) + [
+      "MOE_LAYOUT = 'grouped'", f"NUM_EXPERT_PARTITIONS = {mesh_dims[1]}"])
+  part.validate(lm.module, mesh, RULES, batch_size=8)
+  toks, batch = _tiny_batch(lm.module.vocab_size)
+  sharded = part.init_sharded(lm.module, mesh, RULES, toks, rng=jax.random.PRNGKey(1))
+  with part.activate(mesh, RULES):
+    s_loss, s_grads = _loss_and_grads(lm, deterministic)(sharded,
+                                                         part.global_batch(batch, mesh, RULES))
+  np.testing.assert_allclose(s_loss, loss, **TOL)
+  for a, b in zip(jax.tree.leaves(nn.meta.unbox(s_grads)), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  return sharded
+
+
 @pytest.mark.parametrize("mesh_dims", MESHES)
 def test_tiny_model_sharded_equals_single_device(mesh_dims):
-  lm = config.load_model(["gin_configs/models/st_moe_tiny.gin"], ["NUM_EXPERTS = 8"])
-  toks = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 1, lm.module.vocab_size)
-  batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
-  variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), toks)
-  step = jax.jit(jax.value_and_grad(
-      lambda v, b: lm.loss(v, b, deterministic=True)[0]))
-  loss, grads = step(variables, batch)
-
-  mesh = mesh_of(*mesh_dims)
-  lm = config.load_model(["gin_configs/models/st_moe_tiny.gin"],
-                         ["NUM_EXPERTS = 8", "MOE_LAYOUT = 'grouped'",
-                          f"NUM_EXPERT_PARTITIONS = {mesh_dims[1]}"])
-  part.validate(lm.module, mesh, RULES, batch_size=8)
-  sharded = part.init_sharded(lm.module, mesh, RULES, toks, rng=jax.random.PRNGKey(1))
+  sharded = _check_sharded_model("gin_configs/models/st_moe_tiny.gin", ["NUM_EXPERTS = 8"],
+                                 mesh_dims, deterministic=True)
   wi = nn.meta.unbox(sharded)["params"]["layers"]["block_3"]["moe"]["experts"]["wi"]
   assert wi.sharding.shard_shape(wi.shape)[1] == 8 // mesh_dims[1]  # [layers, E, H, F]
-  with part.activate(mesh, RULES):
-    s_loss, s_grads = step(sharded, part.global_batch(batch, mesh, RULES))
-  np.testing.assert_allclose(s_loss, loss, **TOL)
-  for a, b in zip(jax.tree.leaves(nn.meta.unbox(s_grads)), jax.tree.leaves(nn.meta.unbox(grads))):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mesh_dims", DROPLESS_MESHES)
 def test_tiny_mixtral_dropless_sharded_equals_single_device(mesh_dims):
-  """The tiny Mixtral preset (dropless, every layer sparse, GQA): loss and gradients with
-  dropless expert parallelism on each mesh equal the single-device model's."""
-  preset = ["gin_configs/models/mixtral_8x7b_tiny.gin"]
-  lm = config.load_model(preset, ["FSDP = False"])
-  toks = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 1, lm.module.vocab_size)
-  batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
-  variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), toks)
-  loss_fn = lambda lm: jax.jit(jax.value_and_grad(
-      lambda v, b: lm.loss(v, b, deterministic=False)[0]))
-  loss, grads = loss_fn(lm)(variables, batch)
-
-  mesh = mesh_of(*mesh_dims)
-  sharded_lm = config.load_model(preset, ["FSDP = False", "MOE_LAYOUT = 'grouped'",
-                                          f"NUM_EXPERT_PARTITIONS = {mesh_dims[1]}"])
-  part.validate(sharded_lm.module, mesh, RULES, batch_size=8)
-  sharded = part.init_sharded(sharded_lm.module, mesh, RULES, toks, rng=jax.random.PRNGKey(1))
-  with part.activate(mesh, RULES):
-    s_loss, s_grads = loss_fn(sharded_lm)(sharded, part.global_batch(batch, mesh, RULES))
-  np.testing.assert_allclose(s_loss, loss, **TOL)
-  for a, b in zip(jax.tree.leaves(nn.meta.unbox(s_grads)), jax.tree.leaves(nn.meta.unbox(grads))):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  """The tiny Mixtral preset (dropless, every layer sparse, GQA), in training mode: loss and
+  gradients with dropless expert parallelism on each mesh equal the single-device model's."""
+  _check_sharded_model("gin_configs/models/mixtral_8x7b_tiny.gin", ["FSDP = False"],
+                       mesh_dims, deterministic=False)
 
 
 def test_bad_layouts_fail_before_compiling():
