@@ -44,20 +44,22 @@ SIZES = {  # batch, length, H, F, train-step preset bindings, batch × seq of th
     "small": dict(batch=2, length=256, model_dim=256, hidden=512,
                   preset=["D_MODEL=256", "NUM_LAYERS=2", "NUM_HEADS=4", "NUM_KV_HEADS=2",
                           "HEAD_DIM=64", "EXPERT_DIM=512", "MLP_DIM=512",
-                          "VOCAB_SIZE=8192"],
-                  step_batch=4, step_seq=256),
+                          "VOCAB_SIZE=1024"],
+                  step_batch=4, step_seq=128),
 }
 PRESET = "gin_configs/models/mixtral_8x7b.gin"
 
 
-def peak_flops(dtype=jnp.bfloat16, size: int = 4096) -> float:
+def peak_flops(dtype=jnp.bfloat16, size: int = 0) -> float:
   """Device-count × FLOP/s of a large matmul in `dtype` on one device (CPU: the host)."""
   from moe_jax import metrics  # pylint: disable=g-import-not-at-top
+  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
   per_device = metrics.measure_peak_flops(size=size, dtype=dtype)
   return per_device * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
 
-def layer_ratios(size: dict, repeats: int) -> list:
+def layer_ratios(size: dict, repeats: int, experts=(8, 64),
+                 dispatches=("gather", "einsum", "dropless")) -> list:
   """[(E, dispatch, ratio, layer ms, dense ms, dropped)] in bfloat16, top-2."""
   from moe_jax.moe_layer import MoeLayer  # pylint: disable=g-import-not-at-top
   from moe_jax.routing import TokenChoiceRouter  # pylint: disable=g-import-not-at-top
@@ -66,8 +68,8 @@ def layer_ratios(size: dict, repeats: int) -> list:
   dense = layer_bench.dense_equivalent(x[0], 2, size["hidden"], "swiglu")
   dense = (dense[0], tuple(a if a is None else a.astype(jnp.bfloat16) for a in dense[1]))
   rows = []
-  for num_experts in (8, 64):
-    for dispatch in ("gather", "einsum", "dropless"):
+  for num_experts in experts:
+    for dispatch in dispatches:
       if dispatch == "einsum" and num_experts * tokens > 2**22:
         continue  # the [G, S, E, C] one-hot reference is O(T²): minutes at this size
       layer = MoeLayer(TokenChoiceRouter(num_experts, 2), size["hidden"], activation="swiglu",
@@ -94,8 +96,8 @@ def layer_ratios(size: dict, repeats: int) -> list:
 
 
 def train_step_mfu(size: dict, steps: int) -> dict:
-  args = argparse.Namespace(batch=size["step_batch"], seq_len=size["step_seq"], warmup=2,
-                            steps=steps)
+  args = argparse.Namespace(batch=size["step_batch"], seq_len=size["step_seq"],
+                            warmup=min(2, steps), steps=steps)
   bindings = size["preset"] + ["ACTIVATION_DTYPE='bfloat16'", "FSDP=False",
                                "MOE_LAYOUT='packed'" if jax.device_count() == 1 else
                                "MOE_LAYOUT='grouped'",
@@ -113,6 +115,10 @@ def main(argv=None):
                       help="default: full on GPU/TPU, small on CPU")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--experts", type=int, action="append", default=None,
+                      help="default: 8 and 64")
+  parser.add_argument("--dispatch", action="append", default=None,
+                      choices=["gather", "einsum", "dropless"], help="default: all three")
   parser.add_argument("--skip_train_step", action="store_true")
   args = parser.parse_args(argv)
   backend = jax.default_backend()
@@ -122,14 +128,17 @@ def main(argv=None):
         f"{size_name} ({size['batch']}×{size['length']} tokens, H={size['model_dim']}, "
         f"F={size['hidden']})", flush=True)
   start = time.perf_counter()
-  rows = layer_ratios(size, args.repeats)
+  rows = layer_ratios(size, args.repeats, args.experts or (8, 64),
+                      args.dispatch or ("gather", "einsum", "dropless"))
   e64 = [r for r in rows if r[0] == 64]
-  best = min(e64, key=lambda r: r[2])
-  print(f"summary: layer/dense at E=64 best {best[2]:.2f} ({best[1]}) (target on an H100 "
-        f"<= 1.3: {'met' if best[2] <= 1.3 else 'not met'})", flush=True)
+  if e64:
+    best = min(e64, key=lambda r: r[2])
+    print(f"summary: layer/dense at E=64 best {best[2]:.2f} ({best[1]}) (target on an H100 "
+          f"<= 1.3: {'met' if best[2] <= 1.3 else 'not met'})", flush=True)
   if not args.skip_train_step:
     row = train_step_mfu(size, args.steps)
-    print(f"train step ({row['active'] / 1e9:.2f}B active of {row['total'] / 1e9:.2f}B, "
+    count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+    print(f"train step ({count(row['active'])} active of {count(row['total'])}, "
           f"{size['step_batch']}×{size['step_seq']} tokens, bf16): {row['step_s'] * 1e3:.0f} ms, "
           f"{row['tokens_per_s']:,.0f} tokens/s, {row['achieved'] / 1e12:.2f} TFLOP/s of a "
           f"bf16 peak {row['peak'] / 1e12:.2f} TFLOP/s: MFU {100 * row['mfu']:.1f}% (target "

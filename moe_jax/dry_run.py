@@ -97,7 +97,8 @@ def main(argv=None):
            else part.standard_rules(fsdp=args.fsdp))
   fsdp = dict(rules).get("embed") is not None
   batch_size = args.batch or part.logical_axis_size(mesh, rules, "batch")
-  part.validate(module, mesh, rules, batch_size)
+  with expert_parallel.planning_for(args.target_backend):
+    part.validate(module, mesh, rules, batch_size)
   optimizer = optax.adafactor(1e-3) if args.optimizer == "adafactor" else optax.adamw(1e-4)
 
   tokens = jax.ShapeDtypeStruct((batch_size, args.seq_len), jnp.int32)

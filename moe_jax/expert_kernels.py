@@ -387,7 +387,8 @@ _ragged_chunked.defvjp(_ragged_chunked_fwd, _ragged_chunked_bwd)
 
 def ragged_ffn(x: jax.Array, group_sizes: jax.Array, w_in: jax.Array,
                w_gate: Optional[jax.Array], w_out: jax.Array,
-               activation: Activation, implementation: str = "auto") -> jax.Array:
+               activation: Activation, implementation: str = "auto",
+               expected_rows: Optional[int] = None) -> jax.Array:
   """Expert FFNs on expert-sorted rows (dropless MoE).
 
   Args:
@@ -402,6 +403,9 @@ def ragged_ffn(x: jax.Array, group_sizes: jax.Array, w_in: jax.Array,
       on GPU/TPU only), "chunked" (custom-VJP scan over experts, each group
       processed in static-size row chunks; cost does not grow with E), or
       "auto" ("chunked" on CPU, "ragged_dot" elsewhere).
+    expected_rows: rows expected in use (default M). A buffer sized for the worst case
+      (dropless expert parallelism: EP × the even share) would otherwise size the chunked
+      kernel's chunks for M / E rows per expert, and its bucket padding with them.
 
   Returns:
     [M, H]; padding rows are zero.
@@ -415,7 +419,8 @@ def ragged_ffn(x: jax.Array, group_sizes: jax.Array, w_in: jax.Array,
   if implementation == "chunked":
     if M == 0:
       return jnp.zeros_like(x)
-    B, buckets = _ragged_plan(M, E)
+    B, buckets = _ragged_plan(min(expected_rows or M, M), E)
+    B = min(B, M)
     return _ragged_chunked(x, group_sizes.astype(jnp.int32), w_in, w_gate, w_out,
                            activation, B, buckets)
   raise ValueError(f"unknown ragged_ffn implementation {implementation!r}")

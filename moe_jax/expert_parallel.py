@@ -50,8 +50,8 @@ Array = jax.Array
 TRANSPORTS = ("auto", "all_gather", "ragged_all_to_all")
 # Backends whose XLA implements the ragged-all-to-all collective.
 RAGGED_BACKENDS = ("gpu", "tpu", "cuda", "rocm")
-# The grouped FFN on one device's rows: (rows [R, H], group_sizes [E_l], w_in, w_gate, w_out)
-# -> [R, H]; rows past Σ group_sizes are padding (zero out).
+# The grouped FFN on one device's rows: (rows [R, H], group_sizes [E_l], w_in, w_gate, w_out,
+# expected_rows=k·T_l) -> [R, H]; rows past Σ group_sizes are padding (zero out).
 LocalFfn = Callable[[Array, Array, Array, Optional[Array], Array], Array]
 
 
@@ -171,7 +171,7 @@ def all_gather_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gate
   token = assignment // k
   used = jnp.arange(rows) < jnp.sum(group_sizes)
   inputs = jnp.where(used[:, None], x_all[token], 0).astype(x.dtype)
-  out = local_ffn(inputs, group_sizes, w_in, w_gate, w_out)
+  out = local_ffn(inputs, group_sizes, w_in, w_gate, w_out, expected_rows=k * t_l)
   if model_axes:  # 2D sharding: each model shard computed its slice of the hidden dim
     out = jax.lax.psum(out, tuple(model_axes))
   weight = jnp.where(used, gates_all.reshape(-1)[assignment], 0).astype(out.dtype)
@@ -250,7 +250,7 @@ def ragged_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gates: A
   expert_of_row = jnp.where(jnp.arange(rows) < used, expert_of_row, local_experts)
   regroup = jnp.argsort(expert_of_row, stable=True)
   out = local_ffn(received[regroup], jnp.sum(accepted_per_expert, axis=0).astype(jnp.int32),
-                  w_in, w_gate, w_out)
+                  w_in, w_gate, w_out, expected_rows=k * t_l)
   if model_axes:
     out = jax.lax.psum(out, tuple(model_axes))
   out = out[jnp.argsort(regroup)]  # back to arrival order

@@ -108,8 +108,10 @@ class Experts(nn.Module):
                          "implemented with dropless expert parallelism (layout='grouped'); "
                          "use dispatch='gather' for fine-tuning with expert dropout.")
       dtype = self.dtype
-      local_ffn = lambda rows, sizes, wi, wg, wo: expert_kernels.ragged_ffn(
-          rows.astype(dtype), sizes, wi, wg, wo, act, implementation=ragged_kernel)
+      local_ffn = lambda rows, sizes, wi, wg, wo, expected_rows=None: (
+          expert_kernels.ragged_ffn(rows.astype(dtype), sizes, wi, wg, wo, act,
+                                    implementation=ragged_kernel,
+                                    expected_rows=expected_rows))
       return distribute(local_ffn, w_in, w_gate, w_out)
     x = batch.inputs.astype(self.dtype)
     if self.dropout_rate > 0 and not deterministic:

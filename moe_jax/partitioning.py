@@ -193,6 +193,9 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
           f"num_expert_partitions={layer.num_expert_partitions} but the mesh splits the experts "
           f"over {e} devices: set NUM_EXPERT_PARTITIONS = {e} (runs/pretrain.gin derives it "
           "from MESH).")
+    if layer.layout == "grouped" and layer.dispatch == "dropless":
+      from moe_jax import expert_parallel  # pylint: disable=g-import-not-at-top
+      expert_parallel.resolve_transport(layer.transport)  # a transport the backend lacks
     if layer.layout == "packed" and mesh.size > 1:
       logging.warning(
           "MoE layout 'packed' on a mesh of %d devices: correct, but XLA moves every group's "

@@ -135,8 +135,10 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))
   train_flops = metrics_lib.train_flops_per_token(
       params_lib.count(module, sequence_length).flops_per_token)
-  # Simulated CPU devices share the host's cores: one matmul measures the whole machine.
-  peak_flops = metrics_lib.measure_peak_flops() * (
+  # The peak of a matmul in the model's activation dtype (bf16 on accelerators: a float32
+  # peak would overstate MFU several times) on one device, times the devices; simulated CPU
+  # devices share the host's cores, so there one matmul measures the whole machine.
+  peak_flops = metrics_lib.measure_peak_flops(dtype=jnp.dtype(module.dtype)) * (
       1 if jax.default_backend() == "cpu" else jax.device_count())
   writer = metrics_lib.MetricsWriter(model_dir) if jax.process_index() == 0 else None
   progress = _progress(start_step, train_steps, progress_bar)

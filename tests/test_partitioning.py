@@ -293,6 +293,13 @@ def test_bad_layouts_fail_before_compiling():
   with pytest.raises(ValueError, match="num_expert_partitions=2 but the mesh splits the "
                      "experts over 4 devices: set NUM_EXPERT_PARTITIONS = 4"):
     part.validate(wrong, mesh_of(2, 4, 1), RULES, batch_size=8)
+  no_ragged = config.load_model(["gin_configs/models/mixtral_8x7b_tiny.gin"],
+                                ["MOE_LAYOUT = 'grouped'", "NUM_EXPERT_PARTITIONS = 4",
+                                 "DROPLESS_TRANSPORT = 'ragged_all_to_all'"]).module
+  with pytest.raises(ValueError, match=r"transport='ragged_all_to_all' needs a backend whose "
+                     r"XLA implements ragged-all-to-all \(gpu, tpu, cuda, rocm\); this one is "
+                     r"'cpu'. Use transport='all_gather' or 'auto'."):
+    part.validate(no_ragged, mesh_of(2, 4, 1), RULES, batch_size=8)
   with pytest.raises(ValueError, match=r"receive_buffer_factor must be None .* or a finite "
                      r"number >= 1 .* got 0.5"):
     MoeLayer(TokenChoiceRouter(8, 2), 8, dispatch="dropless", receive_buffer_factor=0.5)

@@ -1,0 +1,1 @@
+raise ImportError("the core and benchmarks/accelerator.py must run without tensorflow")
