@@ -86,8 +86,11 @@ def main(argv=None):
 
   # The MoE layers' layout for this mesh, as runs/pretrain.gin sets it for a training run
   # (the flags' own bindings come after, so they win).
-  layout = [f"MOE_LAYOUT = '{'grouped' if num_devices > 1 else 'packed'}'",
-            f"NUM_EXPERT_PARTITIONS = {sizes.get('expert', 1)}"]
+  layout = ["MOE_LAYOUT = @moe_jax.config.moe_layout()",
+            "NUM_EXPERT_PARTITIONS = @moe_jax.config.expert_partitions()",
+            f"moe_jax.config.moe_layout.mesh = {args.mesh!r}",
+            f"moe_jax.config.expert_partitions.mesh = {args.mesh!r}",
+            "moe_jax.config.expert_partitions.rules = %PARTITIONING_RULES"]
   if args.transport:
     layout.append(f"DROPLESS_TRANSPORT = '{args.transport}'")
   lm = config.load_model(files, layout + list(bindings))

@@ -14,8 +14,8 @@ combine inside `jax.shard_map` over the whole mesh, with a *transport* that move
   each device the sum over experts of its own tokens.
     Communication per device and layer, each way: (EP − 1) · T_l · H values (T_l: the
     device's tokens), against the ideal exchange of k · T_l · H (each assignment's row sent
-    once): a factor EP / k of the ideal (1 at EP = k = 2 … 4 at EP = 8, k = 2), plus the
-    routing ([T_l, k] indices and gates, negligible).
+    once): a factor (EP − 1) / k of the ideal (0.5 at EP = k = 2 … 3.5 at EP = 8, k = 2),
+    plus the routing ([T_l, k] indices and gates, 2k values a token).
     Memory per device: the gathered tokens and the output rows, 2 · EP · T_l · H, and the
     receive buffer R · H with R = EP · T_l · min(k, E_l) in the worst case (every gathered
     token chose k of this device's experts); `receive_buffer_factor` f bounds it to
@@ -172,14 +172,14 @@ def all_gather_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gate
   used = jnp.arange(rows) < jnp.sum(group_sizes)
   inputs = jnp.where(used[:, None], x_all[token], 0).astype(x.dtype)
   out = local_ffn(inputs, group_sizes, w_in, w_gate, w_out, expected_rows=k * t_l)
-  if model_axes:  # 2D sharding: each model shard computed its slice of the hidden dim
-    out = jax.lax.psum(out, tuple(model_axes))
   weight = jnp.where(used, gates_all.reshape(-1)[assignment], 0).astype(out.dtype)
   y_all = jnp.zeros(x_all.shape, out.dtype).at[token].add(out * weight[:, None])
   if expert_axes:
     y = jax.lax.psum_scatter(y_all, tuple(expert_axes), scatter_dimension=0, tiled=True)
   else:
     y = y_all
+  if model_axes:  # 2D sharding: each model shard computed its slice of the hidden dim; the
+    y = jax.lax.psum(y, tuple(model_axes))  # sum is linear, so it is taken on [T_l, H]
   return y, overflow
 
 
@@ -251,8 +251,6 @@ def ragged_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gates: A
   regroup = jnp.argsort(expert_of_row, stable=True)
   out = local_ffn(received[regroup], jnp.sum(accepted_per_expert, axis=0).astype(jnp.int32),
                   w_in, w_gate, w_out, expected_rows=k * t_l)
-  if model_axes:
-    out = jax.lax.psum(out, tuple(model_axes))
   out = out[jnp.argsort(regroup)]  # back to arrival order
   back_offsets = exchange(input_offsets)  # where each source keeps its rows for us
   returned = ragged_all_to_all(out, jnp.zeros((t_l * k, h), out.dtype),
@@ -262,6 +260,8 @@ def ragged_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gates: A
   per_assignment = returned[jnp.argsort(order)].reshape(t_l, k, h)
   weights = gates.astype(out.dtype)
   y = sum(per_assignment[:, j] * weights[:, j, None] for j in range(k))
+  if model_axes:  # 2D sharding: the hidden dim's slices summed, on [T_l, H] (linear)
+    y = jax.lax.psum(y, tuple(model_axes))
   return y, overflow
 
 
@@ -324,14 +324,16 @@ def expert_parallel_dropless(local_ffn: LocalFfn, x: Array, expert_index: Array,
         "NUM_EXPERT_PARTITIONS; runs/pretrain.gin derives it from MESH).")
   if not set(expert_axes) <= set(group_axes) or set(model_axes) & set(group_axes):
     raise ValueError(
-        f"dropless expert parallelism needs the expert mesh axes {expert_axes} among the "
-        f"group (batch) axes {group_axes} and the expert_mlp axes {model_axes} outside them; "
-        "change the logical axis rules.")
+        f"dropless expert parallelism needs the logical axis rules to map 'expert' to mesh "
+        f"axes among those of 'group' (here {expert_axes} and {group_axes}) and "
+        f"'expert_mlp' to axes outside them (here {model_axes}); change PARTITIONING_RULES "
+        "(partitioning.standard_rules() does this).")
   g, s, h = x.shape
   group_split = math.prod(sizes[a] for a in group_axes)
   if g % group_split:
     raise ValueError(f"{g} routing groups do not split over the group mesh axes {group_axes} "
-                     f"({group_split} devices); choose group_size / batch so they do.")
+                     f"({group_split} devices): choose group_size and the batch size so that "
+                     f"batch × length / group_size is a multiple of {group_split}.")
   k = expert_index.shape[-1]
   tokens = PartitionSpec(group_axes or None)
   in_spec = PartitionSpec(expert_axes or None, None, model_axes or None)  # [E, H, F]
@@ -339,7 +341,9 @@ def expert_parallel_dropless(local_ffn: LocalFfn, x: Array, expert_index: Array,
   gated = w_gate is not None
 
   name = resolve_transport(transport) if ragged_all_to_all is None else "ragged_all_to_all"
-  if name == "ragged_all_to_all":
+  # Experts not split (EP = 1): every assignment is local, and the all-gather transport
+  # without an expert axis is exactly the local computation, with no collective.
+  if name == "ragged_all_to_all" and expert_axes:
     exchange = functools.partial(ragged_exchange, ragged_all_to_all=(
         ragged_all_to_all or jax.lax.ragged_all_to_all))
   else:
@@ -353,10 +357,9 @@ def expert_parallel_dropless(local_ffn: LocalFfn, x: Array, expert_index: Array,
         gates.reshape(gl * s, k), w_in, w_gate, w_out, num_experts=num_experts,
         expert_axes=expert_axes, model_axes=model_axes, expert_partitions=ep,
         receive_buffer_factor=receive_buffer_factor)
-    # Every device of the mesh holds the overflow count of its expert group's buffers;
-    # summed over all devices, each buffer was counted once per model shard.
-    model = math.prod(sizes[a] for a in model_axes)
-    total = jax.lax.psum(overflow, tuple(mesh.axis_names)) // model
+    # Each device counts its own buffer's overflow; the devices along axes outside the
+    # group axes (model shards) hold copies of the same count: sum over the group axes only.
+    total = jax.lax.psum(overflow, tuple(group_axes)) if group_axes else overflow
     return y.reshape(gl, s, h), total
 
   weights = (w_in, w_gate, w_out) if gated else (w_in, w_out)

@@ -234,8 +234,8 @@ def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_l
     data = pipeline.get_dataset(task, sequence_length, host_batch, split="validation",
                                 seed=seed, shuffle=False, shard_index=rows.start // host_batch,
                                 shard_count=batch_size // host_batch)
-    for batch in data.take(max_batches).as_numpy_iterator():
-      batch = _pad_rows(batch, host_batch)
+    batches = [_pad_rows(b, host_batch) for b in data.take(max_batches).as_numpy_iterator()]
+    for batch in _same_count_on_every_process(batches, task):
       with part.activate(mesh, rules):
         out = metrics_lib.scalars(eval_fn(state.params, state.extra,
                                           part.global_batch(batch, mesh, rules)))
@@ -247,6 +247,21 @@ def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_l
       results[task] = {k: v / tokens_seen for k, v in totals.items() if k != "num_tokens"}
       results[task]["num_tokens"] = tokens_seen
   return results
+
+
+def _same_count_on_every_process(batches: list, task: str) -> list:
+  """Every process must run the same number of (collective) eval steps: hosts whose
+  validation shard ran out early add empty batches (zero loss weight) up to the largest
+  count."""
+  if jax.process_count() == 1:
+    return batches
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+  if len(batches) < most and not batches:
+    raise ValueError(f"eval task {task!r}: process {jax.process_index()} has no validation "
+                     f"batch while others have {most}; use fewer processes or a larger task.")
+  empty = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else None
+  return batches + [empty] * (most - len(batches))
 
 
 def state_target(module, tx, mesh, rules, tokens: jax.ShapeDtypeStruct):
@@ -297,7 +312,7 @@ class _progress:  # pylint: disable=invalid-name
     if self._bar is not None:
       self._bar.update(step - self._step)
       self._bar.set_postfix_str(text)
-    else:
+    elif jax.process_index() == 0:
       logging.info("step %d: %s", step, text)
     self._step = step
 

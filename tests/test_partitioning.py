@@ -87,6 +87,17 @@ def sharded_grad(layer, mesh, params, x, mask):
     return grad(p, jax.device_put(x, batch), jax.device_put(mask, batch))
 
 
+def compiled_grad_hlo(router, dispatch, mesh) -> str:
+  """The optimised HLO of the layer's gradient, laid out for `mesh`."""
+  layer, x, mask, params = layer_and_params(router, dispatch)
+  layer = grouped(layer, mesh)
+  grad = jax.jit(jax.grad(lambda p, x: layer_loss(layer, p, x, mask)[0]))
+  with part.activate(mesh, RULES):
+    p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(part.BATCH_AXES)))
+    return grad.lower(p, xs).compile().as_text()
+
+
 DROPLESS_MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
 
 
@@ -133,14 +144,7 @@ def test_dropless_expert_parallel_equals_single_device(transport, mesh_dims, req
 
 @pytest.mark.parametrize("mesh_dims", [(2, 4, 1), (1, 4, 2)])
 def test_dropless_expert_parallel_gathers_tokens_not_expert_weights(mesh_dims):
-  layer, x, mask, params = layer_and_params(TokenChoiceRouter(8, 2), "dropless")
-  mesh = mesh_of(*mesh_dims)
-  layer = grouped(layer, mesh)
-  grad = jax.jit(jax.grad(lambda p, x: layer_loss(layer, p, x, mask)[0]))
-  with part.activate(mesh, RULES):
-    p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
-    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(part.BATCH_AXES)))
-    hlo = grad.lower(p, xs).compile().as_text()
+  hlo = compiled_grad_hlo(TokenChoiceRouter(8, 2), "dropless", mesh_of(*mesh_dims))
   counts = collective_counts(hlo)
   assert counts["all-gather"] >= 1 and counts["reduce-scatter"] >= 1, counts
   # Weights [8, 16, 32] / [8, 32, 16] (or their model shards [8, 16, 16]) are never gathered:
@@ -210,14 +214,7 @@ def test_shard_shapes_follow_the_rules():
                                                   ("expert", "gather")])
 def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_kind, dispatch):
   router = TokenChoiceRouter(8, 2) if router_kind == "token" else ExpertChoiceRouter(8, 2)
-  layer, x, mask, params = layer_and_params(router, dispatch)
-  mesh = mesh_of(2, 4, 1)
-  layer = grouped(layer, mesh)
-  grad = jax.jit(jax.grad(lambda p, x: layer_loss(layer, p, x, mask)[0]))
-  with part.activate(mesh, RULES):
-    p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
-    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(part.BATCH_AXES)))
-    hlo = grad.lower(p, xs).compile().as_text()
+  hlo = compiled_grad_hlo(router, dispatch, mesh_of(2, 4, 1))
   counts = collective_counts(hlo)
   assert counts["all-to-all"] >= 2, counts  # to the experts and back (and in the backward)
   full_weight = re.compile(r"f32\[8,16,32\]\{[^}]*\} all-gather")
