@@ -98,12 +98,14 @@ def test_two_processes_of_the_cli_train_resume_and_restore_like_one(tmp_path):
   assert sorted(want) == list(range(1, STEPS + 1))
   assert want[STEPS] < want[1]
 
-  # 2 × 4, SIGKILL process 1 once step KILL_AFTER is logged (the checkpoint of step EVERY is
-  # committed by then); process 0 is left to die of its peer's absence, or killed.
+  # 2 × 4, SIGKILL process 1 once step KILL_AFTER is logged and the checkpoint of step EVERY
+  # is committed; process 0 is left to die of its peer's absence, or killed.
   run = str(tmp_path / "two_by_four")
   procs = _launch(run, STEPS, 2, logs)
   deadline = time.time() + 600
-  while max([r["step"] for r in _train_rows(run)], default=0) < KILL_AFTER:
+  committed = os.path.join(run, "checkpoints", str(EVERY))  # renamed from *-tmp on commit
+  while (max([r["step"] for r in _train_rows(run)], default=0) < KILL_AFTER
+         or not os.path.isdir(committed)):
     assert time.time() < deadline and all(p.poll() is None for p, _ in procs), "no progress"
     time.sleep(0.2)
   procs[1][0].send_signal(signal.SIGKILL)
