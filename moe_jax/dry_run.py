@@ -40,6 +40,11 @@ def _parse(argv):
   args = parser.parse_args(rest)
   if not files:
     parser.error("give a --gin_file")
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top  (no jax: gin only)
+  try:
+    checks.gin_files(files, ("", os.getcwd(), config.REPO_ROOT))
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   return files, bindings, args
 
 

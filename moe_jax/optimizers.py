@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax import checks
+
 Array = jax.Array
 Schedule = Callable[[Any], Any]  # step (int array) -> learning rate (float array)
 ScalarOrSchedule = Union[float, Schedule]
@@ -54,8 +56,8 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
   the rate ramps from 0 to base / √warmup_steps and then decays as base / √t. With
   warmup_steps = 0 the step is floored at 1 (base at step 0, not an infinite rate).
   """
-  if warmup_steps < 0:
-    raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+  checks.rate("optimizers.rsqrt_schedule.base_learning_rate", base_learning_rate)
+  checks.integer("optimizers.rsqrt_schedule.warmup_steps", warmup_steps, 0)
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -75,9 +77,17 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, decay_s
   As `optax.warmup_cosine_decay_schedule`, decay_steps counts the warm-up too (the step at
   which the rate reaches its end value and stays).
   """
-  if not 0 <= warmup_steps < decay_steps:
-    raise ValueError(f"need 0 <= warmup_steps < decay_steps, got warmup_steps={warmup_steps}, "
-                     f"decay_steps={decay_steps}.")
+  name = "optimizers.warmup_cosine_schedule"
+  checks.rate(f"{name}.peak_learning_rate", peak_learning_rate)
+  checks.rate(f"{name}.end_learning_rate", end_learning_rate, allow_zero=True)
+  # runs/tiny_cpu.gin sets decay_steps = TRAIN_STEPS.
+  checks.integer(f"{name}.decay_steps", decay_steps, 1, "TRAIN_STEPS")
+  checks.integer(f"{name}.warmup_steps", warmup_steps, 0)
+  if warmup_steps >= decay_steps:
+    raise ValueError(
+        f"{name}.warmup_steps = {warmup_steps} must be below {name}.decay_steps = "
+        f"{decay_steps} (the run's length in runs/tiny_cpu.gin: TRAIN_STEPS): shorten the "
+        f"warm-up, e.g. --gin.{name}.warmup_steps={max(decay_steps // 10, 0)}.")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_learning_rate, warmup_steps=warmup_steps,
       decay_steps=decay_steps, end_value=end_learning_rate)
@@ -86,6 +96,7 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, decay_s
 @gin.configurable(module="moe_jax.optimizers")
 def constant_schedule(learning_rate: float) -> Schedule:
   """lr(t) = learning_rate."""
+  checks.rate("optimizers.constant_schedule.learning_rate", learning_rate)
   return optax.constant_schedule(learning_rate)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from typing import Dict
 
@@ -82,6 +83,11 @@ def main(argv=None):
   args = parser.parse_args(rest)
   if not files:
     parser.error("give at least one --gin_file")
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top
+  try:
+    checks.gin_files(files, ("", os.getcwd(), config.REPO_ROOT))
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   model = config.load_model(files, bindings)
   print(count(model.module, args.seq_len).summary())
 

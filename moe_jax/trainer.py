@@ -20,7 +20,6 @@ key folded with the step number.
 from __future__ import annotations
 
 import difflib
-import glob
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import checks
 from moe_jax import config as config_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import optimizers
@@ -73,6 +73,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose 'stop' or 'skip'.")
+  checks.train_settings(train_steps=train_steps, sequence_length=sequence_length,
+                        batch_size=batch_size, microbatches=microbatches,
+                        eval_every=eval_every, eval_batches=eval_batches,
+                        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                        log_every=log_every)
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
   os.makedirs(model_dir, exist_ok=True)
   if jax.process_index() == 0:  # one writer per run directory (multi-process runs)
@@ -84,8 +89,6 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   device_mesh = part.make_mesh(**part.parse_mesh(mesh))
   rules = config_lib.configured_rules()
   part.validate(module, device_mesh, rules, batch_size)
-  if batch_size % microbatches:
-    raise ValueError(f"microbatches={microbatches} must divide batch_size={batch_size}.")
   input_shards = input_shards or jax.process_count()
   if input_shards < 1 or batch_size % input_shards:
     raise ValueError(f"train.input_shards={input_shards} must be >= 1 and divide "
@@ -362,13 +365,10 @@ def parse_flags(argv: Sequence[str]):
     raise SystemExit("multi-process runs need --coordinator_address, --process_count and "
                      "--process_index together (or none of them under SLURM, Open MPI or on a "
                      "TPU pod, where JAX finds them).")
-  known_files = sorted(glob.glob(os.path.join(config_lib.REPO_ROOT, "gin_configs", "**",
-                                              "*.gin"), recursive=True))
-  for path in files:
-    if not any(os.path.exists(os.path.join(root, path))
-               for root in ("", os.getcwd(), config_lib.REPO_ROOT)):
-      relative = [os.path.relpath(p, config_lib.REPO_ROOT) for p in known_files]
-      raise SystemExit(f"gin file {path!r} not found.{_closest(path, relative)}")
+  try:
+    checks.gin_files(files, ("", os.getcwd(), config_lib.REPO_ROOT))
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   try:
     config_lib.parse_gin(files, list(bindings) + list(config_lib.MODEL_BINDINGS))
   except (ValueError, KeyError) as e:
