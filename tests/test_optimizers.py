@@ -201,7 +201,8 @@ def test_warmup_cosine_and_constant_schedules():
   want = np.where(steps < warmup, peak * steps / warmup, cosine)
   np.testing.assert_allclose(evaluate(schedule, steps), want, rtol=1e-5)
   assert float(optimizers.constant_schedule(0.3)(12345)) == pytest.approx(0.3)
-  with pytest.raises(ValueError, match="warmup_steps < decay_steps"):
+  with pytest.raises(ValueError, match=r"optimizers.warmup_cosine_schedule.warmup_steps = 10 "
+                     r"must be below optimizers.warmup_cosine_schedule.decay_steps = 10"):
     optimizers.warmup_cosine_schedule(1.0, 10, 10)
 
 
