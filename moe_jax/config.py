@@ -98,9 +98,7 @@ def expert_partitions(mesh: str = gin.REQUIRED, rules=gin.REQUIRED) -> int:
   """Devices the logical `expert` axis is split over on the run's mesh under `rules`."""
   from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
   sizes = dict(zip(partitioning.MESH_AXES, _mesh_sizes(mesh, partitioning)))
-  axes = dict(rules).get("expert")
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(sizes[a] for a in axes)
+  return math.prod(sizes[a] for a in partitioning.mesh_axes(dict(rules).get("expert")))
 
 
 def _mesh_sizes(mesh: str, partitioning) -> tuple:

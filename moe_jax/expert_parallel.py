@@ -121,12 +121,6 @@ def exchange_bytes(local_tokens: int, k: int, model_dim: int, expert_partitions:
           "all_gather": (expert_partitions - 1) * local_tokens * (model_dim * itemsize + 8 * k)}
 
 
-def _axes(spec_entry) -> Tuple[str, ...]:
-  if spec_entry is None:
-    return ()
-  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
 def _select_local(expert_index: Array, local_experts: int, device: Array, rows: int
                   ) -> Tuple[Array, Array, Array]:
   """Assignments [N] (flat, expert −1 where not kept) -> this device's buffer.
@@ -140,8 +134,7 @@ def _select_local(expert_index: Array, local_experts: int, device: Array, rows: 
   order = jnp.argsort(key, stable=True)
   if order.shape[0] < rows:  # the worst case never exceeds N; a bound above it is moot
     order = jnp.pad(order, (0, rows - order.shape[0]))
-  counts = jnp.sum(jax.nn.one_hot(key, local_experts + 1, dtype=jnp.int32), axis=0)
-  counts = counts[:local_experts]
+  counts = jnp.bincount(key, length=local_experts + 1)[:local_experts]
   ends = jnp.minimum(jnp.cumsum(counts), rows)
   group_sizes = ends - jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
   overflow = jnp.sum(counts) - ends[-1]
@@ -221,8 +214,8 @@ def ragged_exchange(local_ffn: LocalFfn, x: Array, expert_index: Array, gates: A
   flat = expert_index.reshape(-1)
   key = jnp.where(flat >= 0, flat, num_experts).astype(jnp.int32)
   order = jnp.argsort(key, stable=True)
-  counts = jnp.sum(jax.nn.one_hot(key, num_experts + 1, dtype=jnp.int32), axis=0)
-  per_device = counts[:num_experts].reshape(ep, local_experts)  # [EP dest, E_l]
+  counts = jnp.bincount(key, length=num_experts + 1)[:num_experts]
+  per_device = counts.reshape(ep, local_experts)  # [EP dest, E_l]
   send_total = jnp.sum(per_device, axis=1)
   input_offsets = _exclusive_cumsum(send_total)
 
@@ -303,15 +296,16 @@ def expert_parallel_dropless(local_ffn: LocalFfn, x: Array, expert_index: Array,
   Returns (y [G, S, H], the number of assignments that overflowed a receive buffer).
   """
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from moe_jax.partitioning import mesh_axes  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     raise ValueError(
         "layout='grouped' with dispatch='dropless' runs inside jax.shard_map over the device "
         "mesh: call the layer under partitioning.activate(mesh, rules) (or use "
         "layout='packed' on one device).")
-  group_axes = _axes(nn.logical_to_mesh_axes(("group",))[0])
-  expert_axes = _axes(nn.logical_to_mesh_axes(("expert",))[0])
-  model_axes = _axes(nn.logical_to_mesh_axes(("expert_mlp",))[0])
+  group_axes, expert_axes, model_axes = (
+      mesh_axes(nn.logical_to_mesh_axes((name,))[0])
+      for name in ("group", "expert", "expert_mlp"))
   sizes = dict(mesh.shape)
   # Axes of size 1 move nothing: leave them out of the collectives.
   group_axes, expert_axes, model_axes = (tuple(a for a in axes if sizes[a] > 1) for axes in

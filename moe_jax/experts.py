@@ -85,7 +85,7 @@ class Experts(nn.Module):
     """Applies the experts to `batch`, or hands them to `distribute`.
 
     distribute: for expert parallelism (expert_parallel.py), a callable
-      `distribute(local_ffn, w_in, w_gate, w_out)` that moves tokens to the devices holding
+      `distribute(local_ffn, w_in=, w_gate=, w_out=)` that moves tokens to the devices holding
       the weights and runs `local_ffn(rows, group_sizes, w_in, w_gate, w_out)` there on the
       local shards; its result is returned as is. `batch` is then None and `model_dim` gives H.
     """
@@ -112,7 +112,7 @@ class Experts(nn.Module):
           expert_kernels.ragged_ffn(rows.astype(dtype), sizes, wi, wg, wo, act,
                                     implementation=ragged_kernel,
                                     expected_rows=expected_rows))
-      return distribute(local_ffn, w_in, w_gate, w_out)
+      return distribute(local_ffn, w_in=w_in, w_gate=w_gate, w_out=w_out)
     x = batch.inputs.astype(self.dtype)
     if self.dropout_rate > 0 and not deterministic:
       drop = nn.Dropout(self.dropout_rate, deterministic=False)

@@ -281,9 +281,7 @@ class MoeLayer(nn.Module):
           gates=jnp.where(r.kept, r.combine_weights, 0.0), num_experts=self.num_experts,
           expert_partitions=self.num_expert_partitions, transport=self.transport,
           receive_buffer_factor=self.receive_buffer_factor)
-      y, overflow = experts(None, deterministic, model_dim=h,
-                            distribute=lambda ffn, wi, wg, wo: distribute(ffn, w_in=wi,
-                                                                          w_gate=wg, w_out=wo))
+      y, overflow = experts(None, deterministic, model_dim=h, distribute=distribute)
     else:
       dispatcher = dispatch_lib.make_dispatcher(
           self.dispatch, grouped=grouped and self.dispatch != "dropless")

@@ -168,11 +168,14 @@ def train_state_shardings(abstract_state, variable_shardings, mesh: Mesh):
       extra={k: variable_shardings[k] for k in abstract_state.extra})
 
 
+def mesh_axes(entry) -> Tuple[str, ...]:
+  """A rule's (or a PartitionSpec entry's) mesh axes as a tuple: None, "a" or ("a", "b")."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_axis_size(mesh: Mesh, rules: Rules, name: str) -> int:
   """Devices a logical axis (e.g. "batch", "expert") is split over under `rules`."""
-  axes = dict(rules).get(name)
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in mesh_axes(dict(rules).get(name)))
 
 
 def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
