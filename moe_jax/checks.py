@@ -13,6 +13,7 @@ what is allowed. Where the checks run:
 | train.checkpoint_every (CHECKPOINT_EVERY) | an integer >= 1              | trainer.train         |
 | train.log_every, train.eval_batches, train.keep_checkpoints | integers >= 1 | trainer.train   |
 | train.eval_every (EVAL_EVERY)             | an integer >= 0 (0: never)   | trainer.train         |
+| train.input_shards                        | an integer >= 1 dividing BATCH_SIZE | trainer.train  |
 | learning rates of the schedules           | finite numbers > 0 (end rate >= 0) | optimizers.*_schedule |
 | warm-up against decay steps               | 0 <= warmup_steps < decay_steps | optimizers.warmup_cosine_schedule |
 
@@ -62,7 +63,8 @@ def rate(name: str, value, allow_zero: bool = False) -> float:
 
 
 def train_settings(*, train_steps, sequence_length, batch_size, microbatches, eval_every,
-                   eval_batches, checkpoint_every, keep_checkpoints, log_every) -> None:
+                   eval_batches, checkpoint_every, keep_checkpoints, log_every,
+                   input_shards=1) -> None:
   """The training loop's own settings (the table above)."""
   integer("train.train_steps", train_steps, 1, "TRAIN_STEPS")
   integer("train.sequence_length", sequence_length, 1, "SEQUENCE_LENGTH")
@@ -76,6 +78,11 @@ def train_settings(*, train_steps, sequence_length, batch_size, microbatches, ev
   integer("train.checkpoint_every", checkpoint_every, 1, "CHECKPOINT_EVERY")
   integer("train.keep_checkpoints", keep_checkpoints, 1)
   integer("train.log_every", log_every, 1)
+  integer("train.input_shards", input_shards, 1)
+  if batch_size % input_shards:
+    raise ValueError(f"train.input_shards = {input_shards} must divide train.batch_size "
+                     f"(BATCH_SIZE) = {batch_size}: each shard feeds BATCH_SIZE / input_shards "
+                     "rows.")
 
 
 def gin_files(files: Sequence[str], roots: Sequence[str]) -> None:

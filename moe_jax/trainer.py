@@ -77,7 +77,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                         batch_size=batch_size, microbatches=microbatches,
                         eval_every=eval_every, eval_batches=eval_batches,
                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                        log_every=log_every)
+                        log_every=log_every,
+                        input_shards=input_shards or jax.process_count())
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
   os.makedirs(model_dir, exist_ok=True)
   if jax.process_index() == 0:  # one writer per run directory (multi-process runs)
@@ -90,9 +91,6 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   rules = config_lib.configured_rules()
   part.validate(module, device_mesh, rules, batch_size)
   input_shards = input_shards or jax.process_count()
-  if input_shards < 1 or batch_size % input_shards:
-    raise ValueError(f"train.input_shards={input_shards} must be >= 1 and divide "
-                     f"batch_size={batch_size}.")
   tx = optimizer if optimizer is not None else optimizers.create_optimizer()
   schedule = getattr(tx, "learning_rate_fn", None)
   tx = getattr(tx, "tx", tx)

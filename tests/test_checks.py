@@ -29,6 +29,8 @@ TRAIN_CASES = [
     ("EVAL_EVERY = -1",
      "train.eval_every (EVAL_EVERY in the run gins) must be an integer >= 0, got -1."),
     ("train.log_every = 0", "train.log_every must be an integer >= 1, got 0."),
+    ("train.input_shards = 3",
+     "train.input_shards = 3 must divide train.batch_size (BATCH_SIZE) = 16"),
     ("optimizers.warmup_cosine_schedule.peak_learning_rate = 1e999",
      "optimizers.warmup_cosine_schedule.peak_learning_rate must be a finite number > 0, got inf."),
     ("TRAIN_STEPS = 20",  # tiny_cpu.gin's 30-step warm-up is longer than the run

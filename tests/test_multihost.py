@@ -166,6 +166,9 @@ def test_bad_process_flags_fail_before_anything_starts():
   assert "--process_index=2 must be in [0, --process_count=2), i.e. 0 to 1." in out.stderr
   out = _cli("--process_count=2", "--process_index=0")
   assert "need --coordinator_address, --process_count and --process_index together" in out.stderr
+  out = _cli("--coordinator_address=localhost:1", "--process_count=2", "--process_index=1",
+             "--distributed_timeout=0")
+  assert "--distributed_timeout must be >= 1 second, got 0." in out.stderr
 
 
 def test_a_coordinator_that_does_not_answer_is_a_clear_error_not_a_hang():
