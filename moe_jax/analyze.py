@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import checks
 from moe_jax import config as config_lib
 from moe_jax import partitioning as part
 from moe_jax import trainer
@@ -47,7 +48,8 @@ def _parse(argv) -> Tuple[argparse.Namespace, List[str], List[str]]:
   parser.add_argument("--task", action="append", default=[])
   parser.add_argument("--texts_file", default=None)
   parser.add_argument("--vocabulary", default=None,
-                      help="spm8k, spm32k or bytes (default: the first task's)")
+                      help="spm8k, spm32k or bytes (default: the first task's, else the "
+                      "model's size's)")
   parser.add_argument("--capacity_factors", default="0.5,1.0,1.25,2.0")
   parser.add_argument("--max_tokens", type=int, default=50_000)
   parser.add_argument("--sequence_length", type=int, default=256)
@@ -136,21 +138,40 @@ def task_batches(tasks: Dict[str, str], sequence_length: int, batch_size: int,
   return sources, vocab
 
 
-def _sources(args) -> Tuple[Dict[str, list], Callable[[int], str]]:
-  """{label: numpy batches} and a token id -> piece decoder."""
-  from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+def _tasks(args, vocab_size: int) -> Dict[str, str]:
+  """{label: task} of the --task flags, each checked (registered, the model's vocabulary)."""
+  from tasks import registry  # pylint: disable=g-import-not-at-top  (the data side)
   tasks = {}
   for spec in args.task:
     label, _, task = spec.rpartition("=")
     tasks[label or task] = task
+  registry.check_tasks(list(tasks.values()), "--task", vocab_size, mixtures=False)
+  return tasks
+
+
+def _texts(path: str) -> List[str]:
+  if not os.path.isfile(path):
+    raise checks.SettingError(f"--texts_file={path}: no such file.")
+  with open(path, encoding="utf-8") as f:
+    texts = [line.rstrip("\n") for line in f if line.strip()]
+  if not texts:
+    raise checks.SettingError(f"--texts_file={path} has no non-empty line: give one text per "
+                              "line.")
+  return texts
+
+
+def _sources(args, tasks: Dict[str, str], vocab_size: int
+             ) -> Tuple[Dict[str, list], Callable[[int], str]]:
+  """{label: numpy batches} and a token id -> piece decoder."""
+  from tasks import registry  # pylint: disable=g-import-not-at-top
+  from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   sources, vocab = task_batches(tasks, args.sequence_length, args.batch_size, args.max_tokens)
   if args.vocabulary:
     vocab = vocab_lib.get_vocabulary(args.vocabulary)
   if args.texts_file:
+    texts = _texts(args.texts_file)
     if vocab is None:
-      raise SystemExit("--texts_file needs --vocabulary (or a --task to take it from).")
-    with open(args.texts_file, encoding="utf-8") as f:
-      texts = [line.rstrip("\n") for line in f if line.strip()]
+      vocab = vocab_lib.get_vocabulary(registry.vocabulary_of_size(vocab_size))
     encode = vocab_lib.without_extra_ids(vocab).encode
     sources["texts"] = list(recorder.text_batches(texts, encode, args.sequence_length,
                                                   args.batch_size))
@@ -194,8 +215,19 @@ def analyze(argv=None) -> str:
   model, ckpt_dir, model_dir = _model_and_checkpoints(args, files, bindings)
   if model.module.moe_layer is None:
     raise SystemExit("the model has no MoE layers: nothing to analyse.")
+  for name in ("max_tokens", "sequence_length", "batch_size", "min_count"):
+    checks.integer(f"--{name}", getattr(args, name), 1)
+  if args.texts_file:
+    _texts(args.texts_file)
+  tasks = _tasks(args, model.module.vocab_size)
+  if ckpt_dir is not None:
+    tokens = jax.ShapeDtypeStruct((1, args.sequence_length), jnp.int32)
+    mesh = part.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+    trainer.check_against_checkpoint(
+        trainer.params_target(model.module, mesh, config_lib.configured_rules(), tokens),
+        ckpt_dir, args.step, restart=False)
   out = args.out or os.path.join(model_dir, "routing_report")
-  sources, decode = _sources(args)
+  sources, decode = _sources(args, tasks, model.module.vocab_size)
   variables, step = load_variables(model, ckpt_dir, args.step, args.sequence_length)
   records = record_all(model, variables, sources, args.max_tokens, step)
   os.makedirs(out, exist_ok=True)
@@ -232,7 +264,7 @@ def analyze(argv=None) -> str:
 
 def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  analyze(argv)
+  checks.exit_on_setting_error(analyze, argv)
   return 0
 
 

@@ -22,16 +22,19 @@ checkpoint_manager.py in 0.12.8):
   * Old steps are garbage-collected only after the new step has committed (the manager's
     finalize runs `wait -> commit -> delete_steps`), so the previous good checkpoint survives an
     interrupted save.
-  * Leftover tmp directories are removed when a manager is created with
-    `cleanup_tmp_directories=True` (and a save that finds a stale tmp directory for its own step
-    removes it first).
+  * A save that finds a stale tmp directory for its own step removes it first. Leftover tmp
+    directories of other steps are *not* removed by `cleanup_tmp_directories=True` in 0.12.8
+    (seen: they survive a new manager), so `remove_stale_temporaries` deletes them when a
+    Checkpointer opens.
   * With the default transfer priority, device-to-host copies finish before an async `save`
     returns; only the file writes run in the background, so the caller may donate or overwrite
     the state's buffers right after `save` returns.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -75,6 +78,8 @@ class Checkpointer:
       raise ValueError(f"keep_every_steps must be None or >= 1, got {keep_every_steps}")
     if "://" not in directory:
       directory = os.path.abspath(directory)
+      if jax.process_index() == 0:
+        remove_stale_temporaries(directory)
     self._directory = directory
     policies = [preservation_lib.LatestN(n=keep_last)]
     if keep_every_steps is not None:
@@ -174,6 +179,56 @@ class Checkpointer:
     restored = self._manager.restore(int(step), args=args)
     return restored[_STATE], restored[_DATA]
 
+  def restore_latest_intact(self, abstract_state: Any, fallback: bool = True
+                            ) -> Tuple[Any, dict, List[Tuple[int, str]]]:
+    """Restores the newest committed step that reads back whole.
+
+    A committed step can still be damaged afterwards (a truncated or deleted file, a disk
+    error): its restore then fails. With `fallback`, the previous committed steps are tried in
+    turn, newest first, and each failure is returned (and logged) as (step, reason); without,
+    the first failure is raised. Never falls back to a fresh start: if every step fails, the
+    last error is raised (a run that silently starts over would lose its training).
+
+    Returns:
+      (state, data, [(bad step, reason), ...]).
+    """
+    failures = []
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no committed checkpoint in {self._directory}")
+    for step in reversed(steps):
+      try:
+        with _absl_level(logging.CRITICAL):  # orbax logs each failed read with its spec
+          state, data = self.restore(abstract_state, step)
+        for bad_step, _ in failures:  # kept for forensics, out of the way of the next saves
+          self.set_aside(bad_step)
+        return state, data, failures
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore, OSError, ...)
+        reason = _short_reason(e)
+        if not fallback:
+          raise RuntimeError(f"checkpoint step {step} in {self._directory} failed to restore "
+                             f"({reason}); set train.on_restore_error='fallback' to restore "
+                             "the newest intact earlier step instead.") from e
+        logging.warning("checkpoint step %d in %s failed to restore (%s); trying the previous "
+                        "committed step.", step, self._directory, reason)
+        failures.append((step, reason))
+    raise RuntimeError(f"no committed checkpoint in {self._directory} restores: "
+                       + "; ".join(f"step {s}: {r}" for s, r in failures))
+
+  def set_aside(self, step: int) -> str:
+    """Renames committed step `step` to `<step>.unreadable[-N]` (which step discovery skips),
+    so that training can save that step again; returns the new path."""
+    source = os.path.join(self._directory, str(int(step)))
+    target = f"{source}.unreadable"
+    if jax.process_index() == 0:
+      n = 1
+      while os.path.exists(target):
+        n += 1
+        target = f"{source}.unreadable-{n}"
+      os.rename(source, target)
+    self._manager.reload()
+    return target
+
   def wait(self) -> None:
     """Blocks until the in-flight async save (if any) is committed; re-raises its error."""
     self._manager.wait_until_finished()
@@ -209,3 +264,91 @@ def restore_params(directory: str, abstract_params: Any, abstract_extra: Any = N
       args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
   return restored["params"], restored.get("extra", {}), int(step)
+
+
+@contextlib.contextmanager
+def _absl_level(level: int):
+  """Orbax logs through absl's logger; raise its threshold for a block."""
+  logger = logging.getLogger("absl")
+  before = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(before)
+
+
+def _short_reason(error: BaseException) -> str:
+  """One line for a failed restore: orbax's message without the TensorStore spec it dumps,
+  and the underlying error (e.g. tensorstore's DATA_LOSS) when there is one."""
+  def first(e: BaseException) -> str:
+    text = str(e).split(" See full TensorStore details")[0].strip()
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+  reason = f"{type(error).__name__}: {first(error)}"
+  cause = error.__cause__ or error.__context__
+  if cause is not None and first(cause) not in reason:
+    reason += f" ({type(cause).__name__}: {first(cause)})"
+  return reason
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+  """Deletes `*.orbax-checkpoint-tmp*` directories: saves that never committed (a process
+  killed mid-save, a full disk). Orbax's `cleanup_tmp_directories` leaves those of other steps
+  in place in 0.12.8, so this runs when a Checkpointer opens (one writer per directory)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  removed = sorted(glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")))
+  for path in removed:
+    logging.warning("removing %s: a checkpoint save that never committed", path)
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+def committed_steps(directory: str) -> List[int]:
+  """Committed steps in a checkpoints directory, read without opening a manager (which would
+  clean the directory): what a command checks before it writes anything."""
+  directory = os.path.abspath(directory) if "://" not in directory else directory
+  if "://" not in directory and not os.path.isdir(directory):
+    return []
+  return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+
+
+def saved_shapes(directory: str, step: int) -> dict:
+  """{"params/layers/block_0/...": shape} of every array saved in checkpoint `step`'s state,
+  from orbax's metadata (no array is read)."""
+  path = os.path.join(directory, str(int(step)), _STATE)
+  with _absl_level(logging.ERROR):  # "Metadata file does not exist": an optional file
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return {path_string(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def path_string(path) -> str:
+  """A pytree key path as "params/layers/block_0/attention/query"."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+  return "/".join(parts)
+
+
+def first_shape_difference(saved: dict, expected: dict, prefix: str = "params/"
+                           ) -> Optional[str]:
+  """A sentence naming the first parameter (under `prefix`) whose shape differs between a
+  checkpoint (`saved`) and the model (`expected`), or that only one of them has; None if
+  they agree."""
+  saved = {k: v for k, v in saved.items() if k.startswith(prefix)}
+  expected = {k: v for k, v in expected.items() if k.startswith(prefix)}
+  for name in sorted(set(saved) | set(expected)):
+    if name not in saved:
+      return f"the model has {name} {list(expected[name])}, which the checkpoint lacks"
+    if name not in expected:
+      return f"the checkpoint has {name} {list(saved[name])}, which the model lacks"
+    if tuple(saved[name]) != tuple(expected[name]):
+      return (f"{name} is {list(saved[name])} in the checkpoint but {list(expected[name])} in "
+              "the model")
+  return None

@@ -42,12 +42,62 @@ def split_gin_args(argv: Sequence[str]) -> Tuple[list, list, list]:
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-  """Clears gin and parses the files, then the bindings (which win)."""
+  """Clears gin and parses the files, then the bindings (which win).
+
+  Refuses, naming the closest valid names (`checks.SettingError`): a file that does not
+  exist, a non-finite number, a macro binding (`NAME = value`) that no file defines or uses
+  (a typo that would otherwise change nothing), and a `%NAME` no file defines (e.g. a run gin
+  given without a model preset).
+  """
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top
+  checks.gin_files(files, ("", os.getcwd(), REPO_ROOT))
+  checks.binding_values(bindings)
   gin.clear_config()
   for path in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(path)
   # Not finalized (locked): a notebook or test may import more configurable modules later.
-  gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+  gin.parse_config_files_and_bindings(list(files), None, finalize_config=False)
+  defined, used, _ = macros()
+  checks.macro_bindings(bindings, sorted(set(defined) | set(used)))
+  gin.parse_config(list(bindings))
+  defined, used, _ = macros()
+  checks.macro_references(defined, used)
+
+
+_MACRO = "gin.macro"
+
+
+def macros() -> Tuple[list, dict, list]:
+  """(macros defined, {macro used: the first binding that uses it}, macros defined as
+  %gin.REQUIRED and used) in gin's current config."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  defined = [scope for scope, selector in config if selector == _MACRO]
+  used = {}
+
+  def visit(value, where: str) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+      scope, _, selector = value.scoped_selector.rpartition("/")
+      if selector == _MACRO and scope not in used:
+        used[scope] = where
+    elif isinstance(value, (list, tuple, set)):
+      for item in value:
+        visit(item, where)
+    elif isinstance(value, dict):
+      for item in value.values():
+        visit(item, where)
+
+  for (scope, selector), parameters in config.items():
+    for parameter, value in parameters.items():
+      name = scope if selector == _MACRO else f"{selector}.{parameter}"
+      visit(value, name)
+  required = [scope for scope, selector in config if selector == _MACRO and scope in used
+              and _is_required(config[(scope, selector)].get("value"))]
+  return defined, used, required
+
+
+def _is_required(value) -> bool:
+  return (isinstance(value, gin.config.ConfigurableReference)
+          and value.scoped_selector == "gin.REQUIRED/gin.constant")
 
 
 @gin.configurable(module="moe_jax.config")

@@ -103,6 +103,15 @@ def main():
   parser.add_argument("--tokens", type=int, default=512, help="multiple of 64")
   parser.add_argument("--steps", type=int, default=30)
   args = parser.parse_args()
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top
+  for name in ("experts", "tokens", "steps"):
+    checks.exit_on_setting_error(checks.integer, f"--{name}", getattr(args, name), 1)
+  if args.experts < 2:
+    raise SystemExit("error: --experts must be >= 2 (top-2 routers), got "
+                     f"{args.experts}.")
+  if args.tokens % 64:
+    raise SystemExit(f"error: --tokens must be a multiple of 64 (sequences of 64), got "
+                     f"{args.tokens}.")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.experts} experts, "
         f"{args.tokens} tokens (8 padding per sequence of 64)\n")
   route_all(args.experts, args.tokens)

@@ -41,10 +41,10 @@ def _parse(argv):
   if not files:
     parser.error("give a --gin_file")
   from moe_jax import checks  # pylint: disable=g-import-not-at-top  (no jax: gin only)
-  try:
-    checks.gin_files(files, ("", os.getcwd(), config.REPO_ROOT))
-  except ValueError as e:
-    raise SystemExit(str(e)) from None
+  checks.exit_on_setting_error(checks.gin_files, files, ("", os.getcwd(), config.REPO_ROOT))
+  for name in ("batch", "seq_len"):
+    checks.exit_on_setting_error(checks.integer, f"--{name}", getattr(args, name),
+                                 0 if name == "batch" else 1)
   return files, bindings, args
 
 
@@ -87,7 +87,7 @@ def main(argv=None):
   import optax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from moe_jax import config, expert_parallel, partitioning as part, train_step as ts
+  from moe_jax import checks, config, expert_parallel, partitioning as part, train_step as ts
 
   # The MoE layers' layout for this mesh, as runs/pretrain.gin sets it for a training run
   # (the flags' own bindings come after, so they win).
@@ -98,7 +98,7 @@ def main(argv=None):
             "moe_jax.config.expert_partitions.rules = %PARTITIONING_RULES"]
   if args.transport:
     layout.append(f"DROPLESS_TRANSPORT = '{args.transport}'")
-  lm = config.load_model(files, layout + list(bindings))
+  lm = checks.exit_on_setting_error(config.load_model, files, layout + list(bindings))
   module = lm.module
   mesh = part.make_mesh(**sizes)
   rules = (config.configured_rules() if args.fsdp is None

@@ -2,7 +2,11 @@
 
     python -m moe_jax.evaluate --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin \
       --gin_file=gin_configs/runs/eval.gin --gin.CHECKPOINT_DIR="'runs/tiny_cpu/checkpoints'" \
-      --gin.EVAL_TASKS="['local_code_lm_8k', 'local_english_lm_8k']" --gin.VOCAB_SIZE=8384
+      --gin.VOCAB_SIZE=8384        # or --gin_file=runs/tiny_cpu/config.gin as the model
+
+EVAL_TASKS (eval.gin) defaults to the local LM tasks of the model's vocabulary: VOCAB_SIZE
+decides both, so they cannot disagree. The tasks and the checkpoint's shapes are checked
+before anything compiles (a mismatch names the first differing parameter).
 
 Restores only the parameters (any optimizer may have written the checkpoint), runs each task
 once over its validation split without dropout at the eval capacity factor, prints a table and
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import checks
 from moe_jax import config as config_lib
 from moe_jax import partitioning as part
 from moe_jax import train_step as ts
@@ -33,15 +38,32 @@ class _Weights:
 
 @gin.configurable(module="moe_jax.evaluate")
 def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
-             tasks: Sequence[str] = gin.REQUIRED, sequence_length: int = 512,
+             tasks: Optional[Sequence[str]] = None, sequence_length: int = 512,
              batch_size: int = 16, max_batches: int = 100, mesh: str = "data:-1",
              step: Optional[int] = None, seed: int = 0) -> dict:
-  """{task: metrics}; also printed and written to `<checkpoint_dir>/../eval_step<N>.json`."""
+  """{task: metrics}; also printed and written to `<checkpoint_dir>/../eval_step<N>.json`.
+
+  tasks: None means the local corpus's held-out LM tasks in the vocabulary of the model's
+    size (`tasks.registry.local_lm_tasks`): VOCAB_SIZE is the one source of truth.
+  """
+  from tasks import registry  # pylint: disable=g-import-not-at-top  (the data side)
+  checks.integer("evaluate.sequence_length", sequence_length, 1, "SEQUENCE_LENGTH")
+  checks.integer("evaluate.batch_size", batch_size, 1, "BATCH_SIZE")
+  checks.integer("evaluate.max_batches", max_batches, 1)
+  vocab_size = model.module.vocab_size
+  tasks = registry.local_lm_tasks(vocab_size) if tasks is None else tasks
+  if isinstance(tasks, str):
+    tasks = [tasks]
+  if not tasks:
+    raise checks.SettingError("evaluate.tasks (EVAL_TASKS) is empty: name at least one task, "
+                              "or None for the local LM tasks of the model's vocabulary.")
+  registry.check_tasks(tasks, "evaluate.tasks (EVAL_TASKS)", vocab_size, mixtures=False)
   device_mesh = part.make_mesh(**part.parse_mesh(mesh))
   rules = config_lib.configured_rules()
   part.validate(model.module, device_mesh, rules, batch_size)
   tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
   target = trainer.params_target(model.module, device_mesh, rules, tokens)
+  trainer.check_against_checkpoint(target, checkpoint_dir, step, restart=False)
   params, extra, step = checkpoints_lib.restore_params(checkpoint_dir, target["params"],
                                                        target["extra"], step)
   eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))

@@ -5,6 +5,9 @@ infer.py).
       --gin_file=gin_configs/runs/infer.gin --gin.CHECKPOINT_DIR="'runs/tiny_cpu/checkpoints'" \
       --gin.VOCAB_SIZE=8384 --gin.PROMPTS="['def main(', 'The kernel']"
 
+The vocabulary follows the model's VOCAB_SIZE (or the task's); prompts, task, vocabulary and
+the checkpoint's shapes are checked before anything compiles.
+
 A prompt is encoded with the task vocabulary and, with `mode_token` ("[S2S]" by default, what
 UL2's prefix-LM denoiser saw), prefixed by that mode token and attended bidirectionally, as in
 training. With `task`, each example's inputs are the prompt and its targets are printed beside
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import checkpoints as checkpoints_lib
+from moe_jax import checks
 from moe_jax import config as config_lib
 from moe_jax import decoding
 from moe_jax import partitioning as part
@@ -30,18 +34,54 @@ from moe_jax import trainer
 @gin.configurable(module="moe_jax.infer")
 def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
           prompts: Sequence[str] = (), task: Optional[str] = None, num_examples: int = 4,
-          vocabulary: str = "spm8k", mode_token: Optional[str] = "[S2S]",
+          vocabulary: Optional[str] = None, mode_token: Optional[str] = "[S2S]",
           max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
           top_p: float = 1.0, sequence_length: int = 512, seed: int = 0,
           step: Optional[int] = None) -> list:
-  """[{prompt, prediction[, targets]}] for each prompt (and each task example)."""
+  """[{prompt, prediction[, targets]}] for each prompt (and each task example).
+
+  vocabulary: None (infer.gin's default) decodes with the task's vocabulary, or without a
+    task with the shipped vocabulary of the model's size (VOCAB_SIZE): one source of truth.
+  """
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side)
+  from tasks import registry  # pylint: disable=g-import-not-at-top
   from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  vocab = vocab_lib.get_vocabulary(vocabulary)
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts and not task:
+    raise checks.SettingError("infer has nothing to do: give prompts (--gin.PROMPTS=\"['def "
+                              "main(']\") or a task (--gin.INFER_TASK=\"'local_code_s_8k'\").")
+  if mode_token is None and any(not p for p in prompts):
+    raise checks.SettingError("infer.prompts has an empty prompt and infer.mode_token is None: "
+                              "generation needs at least one token to start from; give text or "
+                              "a mode token (e.g. infer.mode_token='[S2S]').")
+  checks.integer("infer.max_new_tokens", max_new_tokens, 1, "MAX_NEW_TOKENS")
+  checks.integer("infer.sequence_length", sequence_length, 1)
+  checks.integer("infer.num_examples", num_examples, 1)
+  checks.integer("infer.top_k", top_k, 0)
+  checks.number("infer.temperature", temperature, minimum=0.0)
+  checks.number("infer.top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+  vocab_size = model.module.vocab_size
+  if task:
+    vocab = registry.check_tasks(task, "infer.task (INFER_TASK)", vocab_size,
+                                 mixtures=False)[task]
+  else:
+    vocab = vocab_lib.get_vocabulary(registry.vocabulary_of_size(vocab_size))
+  if vocabulary is not None:
+    if vocabulary not in list(vocab_lib.VOCABULARIES) + ["bytes"]:
+      raise checks.SettingError(f"infer.vocabulary (VOCABULARY) = {vocabulary!r}; choose None "
+                                f"(the model's) or one of {list(vocab_lib.VOCABULARIES)} + "
+                                "['bytes'].")
+    given = vocab_lib.get_vocabulary(vocabulary)
+    if given.vocab_size != vocab.vocab_size:
+      raise checks.SettingError(
+          f"infer.vocabulary (VOCABULARY) = {vocabulary!r} has {given.vocab_size} ids but "
+          f"the model's is {registry.vocabulary_name(vocab)} ({vocab.vocab_size} ids, "
+          f"VOCAB_SIZE = {vocab_size}): leave VOCABULARY = None to decode with the model's.")
   mesh = part.make_mesh(data=1, model=1) if jax.device_count() == 1 else part.make_mesh()
   rules = config_lib.configured_rules()
   target = trainer.params_target(model.module, mesh, rules,
                                  jax.ShapeDtypeStruct((1, sequence_length), jnp.int32))
+  trainer.check_against_checkpoint(target, checkpoint_dir, step, restart=False)
   params, extra, step = checkpoints_lib.restore_params(checkpoint_dir, target["params"],
                                                        target["extra"], step)
   variables = {"params": jax.device_get(params), **jax.device_get(extra)}

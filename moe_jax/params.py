@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from typing import Dict
 
@@ -36,11 +35,19 @@ class ParamReport:
   seq_len: int
 
   def summary(self) -> str:
-    b = lambda n: f"{n / 1e9:,.2f}B"
+    b = human_count
     return (f"total={b(self.total)} active={b(self.active)} "
             f"active_non_embedding={b(self.active - self.embedding)} experts={b(self.expert)} "
             f"embedding={b(self.embedding)} forward_flops_per_token={self.flops_per_token:.3e} "
             f"(seq_len={self.seq_len}; training ≈ 3×)")
+
+
+def human_count(n: float) -> str:
+  """1.23B, 45.6M, 7.89K or 512: three significant digits at any size."""
+  for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if abs(n) >= scale:
+      return f"{n / scale:.3g}{unit}" if n / scale < 1000 else f"{n / scale:,.0f}{unit}"
+  return f"{n:.0f}"
 
 
 def param_shapes(module: nn.Module, seq_len: int) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -84,11 +91,8 @@ def main(argv=None):
   if not files:
     parser.error("give at least one --gin_file")
   from moe_jax import checks  # pylint: disable=g-import-not-at-top
-  try:
-    checks.gin_files(files, ("", os.getcwd(), config.REPO_ROOT))
-  except ValueError as e:
-    raise SystemExit(str(e)) from None
-  model = config.load_model(files, bindings)
+  checks.exit_on_setting_error(checks.integer, "--seq_len", args.seq_len, 1)
+  model = checks.exit_on_setting_error(config.load_model, files, bindings)
   print(count(model.module, args.seq_len).summary())
 
 

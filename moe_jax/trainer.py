@@ -7,11 +7,14 @@ Run through `moe_jax.train` (the command line; this module holds what gin config
       --gin_file=gin_configs/runs/tiny_cpu.gin \
       --gin.MODEL_DIR="'runs/tiny'" --gin.TRAIN_STEPS=300
 
-Top to bottom, `train()`: write the gin config to MODEL_DIR → build the mesh and check the
-setup before compiling → restore the latest checkpoint (params, optimizer, step, input
-position) or initialise sharded → loop of jitted train steps on donated state → every
+Top to bottom, `train()`: check every setting, the tasks and (on a restart) the checkpoint's
+parameter shapes, before anything compiles or is written (moe_jax/checks.py) → write the gin
+config (atomically; a restart adds `config.step<N>.gin`, never overwrites) → restore the
+newest intact checkpoint (params, optimizer, step, input position) or initialise sharded →
+write `operative_config[.step<N>].gin` → loop of jitted train steps on donated state → every
 `eval_every` steps evaluate each eval task on its validation split (no dropout, eval capacity
-factor) → every `checkpoint_every` steps save asynchronously → final checkpoint and summary.
+factor) → every `checkpoint_every` steps save asynchronously → final checkpoint, the
+evaluation table.
 
 A resumed run continues on the same examples with the same RNG: the input pipeline is rebuilt
 with the same seed and skips the batches already consumed, and every step's RNG is the run's
@@ -19,7 +22,6 @@ key folded with the step number.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -56,7 +58,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
           checkpoint_every: int = 100, keep_checkpoints: int = 3,
           keep_every_steps: Optional[int] = None, init_checkpoint: Optional[str] = None,
           log_every: int = 10, on_nonfinite: str = "stop", progress_bar: bool = True,
-          input_shards: Optional[int] = None, nan_at_step: Optional[int] = None) -> dict:
+          input_shards: Optional[int] = None, on_restore_error: str = "fallback",
+          nan_at_step: Optional[int] = None) -> dict:
   """Trains `model` (a DecoderOnlyLM) on a seqio mixture or task; returns the last metrics.
 
   Args:
@@ -69,10 +72,16 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
       rows. None: one per process (t5x's layout: each host reads its own shard). Fixing it
       makes a step's data independent of the number of processes (a run resumed on another
       process count, or compared with one, sees the same batches).
+    on_restore_error: when the newest checkpoint fails to restore (a damaged file):
+      "fallback" (warn, naming the step, and restore the newest earlier step that reads back)
+      or "stop" (raise). Never a fresh start.
     nan_at_step: test hook: the batch of this step gets NaN loss weights.
   """
   if on_nonfinite not in ("stop", "skip"):
-    raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose 'stop' or 'skip'.")
+    raise checks.SettingError(f"train.on_nonfinite = {on_nonfinite!r}; choose 'stop' or 'skip'.")
+  if on_restore_error not in ("fallback", "stop"):
+    raise checks.SettingError(f"train.on_restore_error = {on_restore_error!r}; choose "
+                              "'fallback' or 'stop'.")
   checks.train_settings(train_steps=train_steps, sequence_length=sequence_length,
                         batch_size=batch_size, microbatches=microbatches,
                         eval_every=eval_every, eval_batches=eval_batches,
@@ -80,13 +89,14 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                         log_every=log_every,
                         input_shards=input_shards or jax.process_count())
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
-  os.makedirs(model_dir, exist_ok=True)
-  if jax.process_index() == 0:  # one writer per run directory (multi-process runs)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
-
-  # --- mesh, rules and checks before anything compiles ---------------------------------
+  from tasks import registry  # pylint: disable=g-import-not-at-top
   module = model.module
+  registry.check_tasks(mixture_or_task, "train.mixture_or_task (MIXTURE_OR_TASK_NAME)",
+                       module.vocab_size)
+  registry.check_tasks(eval_tasks, "train.eval_tasks (EVAL_TASKS)", module.vocab_size,
+                       mixtures=False)
+
+  # --- mesh, rules and checks before anything compiles or is written --------------------
   device_mesh = part.make_mesh(**part.parse_mesh(mesh))
   rules = config_lib.configured_rules()
   part.validate(module, device_mesh, rules, batch_size)
@@ -94,15 +104,30 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   tx = optimizer if optimizer is not None else optimizers.create_optimizer()
   schedule = getattr(tx, "learning_rate_fn", None)
   tx = getattr(tx, "tx", tx)
-
-  # --- state: restore, fine-tune from, or initialise -----------------------------------
   tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
   target, state_shardings = state_target(module, tx, device_mesh, rules, tokens)
+  checkpoint_dir = os.path.join(model_dir, "checkpoints")
+  resuming = bool(checkpoints_lib.committed_steps(checkpoint_dir))
+  if resuming:  # a restart must fit its checkpoint: refuse before touching the directory
+    check_against_checkpoint(target, checkpoint_dir)
+  elif init_checkpoint:
+    check_against_checkpoint(target, init_checkpoint, restart=False)
+
+  # --- the run directory: written only from here on ------------------------------------
+  os.makedirs(model_dir, exist_ok=True)
+  writes_files = jax.process_index() == 0  # one writer per run directory (multi-process runs)
+  if writes_files and not resuming:
+    write_config(model_dir, "config.gin", gin.config_str())
+
+  # --- state: restore, fine-tune from, or initialise -----------------------------------
   checkpointer = checkpoints_lib.Checkpointer(
-      os.path.join(model_dir, "checkpoints"), keep_last=keep_checkpoints,
-      keep_every_steps=keep_every_steps)
+      checkpoint_dir, keep_last=keep_checkpoints, keep_every_steps=keep_every_steps)
   if checkpointer.latest_step() is not None:
-    state, data = checkpointer.restore(target)
+    state, data, failures = checkpointer.restore_latest_intact(
+        target, fallback=on_restore_error == "fallback")
+    for bad_step, _ in failures:  # (each logged as it failed, with the reason)
+      logging.warning("restored step %d instead of the unreadable step %d (kept as "
+                      "checkpoints/%d.unreadable).", int(state.step), bad_step, bad_step)
     print(f"Resumed from step {int(state.step)} ({data}).", flush=True)
     if data.get("input_shards", input_shards) != input_shards:
       logging.warning("The run's batches so far came from %s input shards, now from %d: the "
@@ -121,6 +146,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
       state = state.replace(params=params, extra={**state.extra, **extra})
       print(f"Fine-tuning from {init_checkpoint} (step {step}).", flush=True)
   start_step = int(state.step)
+  if writes_files:  # what this start runs with; a resumed start never overwrites the first's
+    suffix = f".step{start_step}" if resuming else ""
+    if resuming:
+      write_config(model_dir, f"config{suffix}.gin", gin.config_str())
+    write_config(model_dir, f"operative_config{suffix}.gin", gin.operative_config_str())
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
   rows = part.host_batch_rows(device_mesh, rules, batch_size)
@@ -200,10 +230,60 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   progress.close()
   if writer is not None:
     writer.close()
-  if jax.process_index() == 0 and start_step == 0:
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
   return last
+
+
+def write_config(model_dir: str, name: str, text: str) -> None:
+  """Writes a config file of the run atomically (a temporary file renamed over it): a crash
+  never leaves a half-written config, and an earlier start's file is never overwritten."""
+  path = os.path.join(model_dir, name)
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "w") as f:
+    f.write(text)
+  os.replace(temporary, path)
+
+
+def check_against_checkpoint(target, checkpoint_dir: str, step: Optional[int] = None,
+                             restart: bool = True) -> None:
+  """The model's parameters (and, for a restart, the optimizer state) have the shapes of the
+  checkpoint's (`step`, default the newest), else a SettingError naming the first differing
+  parameter. Read from orbax's metadata: no array is read, nothing is written."""
+  steps = checkpoints_lib.committed_steps(checkpoint_dir)
+  if not restart and (not steps or (step is not None and int(step) not in steps)):
+    which = "" if step is None else f" for step {step}"
+    raise checks.SettingError(
+        f"no committed checkpoint{which} in {checkpoint_dir}: CHECKPOINT_DIR must name a run's "
+        f"checkpoints directory (<MODEL_DIR>/checkpoints); committed steps there: {steps}.")
+  if not steps:
+    return
+  step = steps[-1] if step is None else int(step)
+  try:
+    saved = checkpoints_lib.saved_shapes(checkpoint_dir, step)
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: restore decides)
+    return
+  expected = {checkpoints_lib.path_string(p): tuple(leaf.shape)
+              for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+  difference = checkpoints_lib.first_shape_difference(saved, expected)
+  if difference is None and restart:
+    optimizer_saved = sorted(v for k, v in saved.items() if k.startswith("opt_state/"))
+    optimizer_expected = sorted(v for k, v in expected.items() if k.startswith("opt_state/"))
+    if optimizer_saved != optimizer_expected:
+      difference = (f"the optimizer state has {len(optimizer_saved)} arrays in the checkpoint "
+                    f"and {len(optimizer_expected)} here (another optimizer or its settings)")
+  if difference is None:
+    return
+  run_config = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.gin")
+  settings = f" ({run_config})" if os.path.exists(run_config) else ""
+  if restart:
+    raise checks.SettingError(
+        f"{os.path.dirname(os.path.abspath(checkpoint_dir))} holds a run whose checkpoint "
+        f"(step {step}) does not fit this model: {difference}. A restart must use the run's "
+        f"settings{settings}; for a new run choose another MODEL_DIR, or start from its "
+        "weights with train.init_checkpoint. Nothing in the run directory was changed.")
+  raise checks.SettingError(
+      f"the checkpoint {checkpoint_dir} (step {step}) does not fit this model: {difference}. "
+      f"Give the model the run's settings{settings}, e.g. --gin_file=<that config.gin> as the "
+      "model, or the --gin.VOCAB_SIZE / size macros it was trained with.")
 
 
 def _host_batches(pipeline, mixture_or_task: str, sequence_length: int, batch_size: int,
@@ -322,11 +402,6 @@ class _progress:  # pylint: disable=invalid-name
       self._bar.close()
 
 
-def _closest(name: str, candidates: Sequence[str]) -> str:
-  matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-  return f" Closest: {', '.join(matches)}." if matches else ""
-
-
 def _distributed_flags(rest: Sequence[str]):
   """t5x's multi-process flags -> (namespace, the arguments left over)."""
   import argparse  # pylint: disable=g-import-not-at-top
@@ -363,15 +438,22 @@ def parse_flags(argv: Sequence[str]):
     raise SystemExit("multi-process runs need --coordinator_address, --process_count and "
                      "--process_index together (or none of them under SLURM, Open MPI or on a "
                      "TPU pod, where JAX finds them).")
+  parse_gin_flags(files, bindings)
+  return distributed
+
+
+def parse_gin_flags(files: Sequence[str], bindings: Sequence[str],
+                    extra_bindings: Sequence[str] = config_lib.MODEL_BINDINGS) -> None:
+  """What every command does with its gin flags: parse them with the checks of
+  `config.parse_gin`, refuse macros left %gin.REQUIRED, and turn any mistake into one message
+  (SystemExit) with the closest valid names."""
   try:
-    checks.gin_files(files, ("", os.getcwd(), config_lib.REPO_ROOT))
-  except ValueError as e:
-    raise SystemExit(str(e)) from None
-  try:
-    config_lib.parse_gin(files, list(bindings) + list(config_lib.MODEL_BINDINGS))
+    config_lib.parse_gin(files, list(bindings) + list(extra_bindings))
+    checks.required_macros(config_lib.macros()[2], files)
+  except checks.SettingError as e:
+    raise SystemExit(f"error: {e}") from None
   except (ValueError, KeyError) as e:
     raise SystemExit(f"gin: {e}{_gin_suggestion(str(e))}") from None
-  return distributed
 
 
 def start_processes(flags) -> None:
@@ -405,9 +487,9 @@ def _gin_suggestion(message: str) -> str:
     if configurable is not None:
       fn = configurable.wrapped
       fn = fn.__init__ if inspect.isclass(fn) else fn
-      return _closest(parameter.group(2), list(inspect.signature(fn).parameters))
+      return checks.closest(parameter.group(2), list(inspect.signature(fn).parameters))
   name = re.search(r"'([^']+)'", message)
-  return _closest(name.group(1), [str(n) for n, _ in registry.items()]) if name else ""
+  return checks.closest(name.group(1), [str(n) for n, _ in registry.items()]) if name else ""
 
 
 def run_command(fn, argv=None) -> int:
@@ -416,5 +498,5 @@ def run_command(fn, argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
   start_processes(flags)
-  fn()  # everything comes from gin
+  checks.exit_on_setting_error(fn)  # everything comes from gin
   return 0

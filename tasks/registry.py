@@ -125,3 +125,80 @@ def _register_all() -> None:
 
 _register_all()
 del corpus_builder
+
+
+# --- checks a command runs at start-up, before anything compiles (moe_jax/checks.py) --------
+def vocabulary_name(vocabulary: seqio.Vocabulary) -> str:
+  """The shipped name of a vocabulary ("spm8k", "spm32k", "bytes"), or its class name."""
+  for name in list(vocab_lib.VOCABULARIES) + ["bytes"]:
+    shipped = vocab_lib.get_vocabulary(name)
+    if (type(shipped) is type(vocabulary) and shipped.vocab_size == vocabulary.vocab_size
+        and getattr(shipped, "sentencepiece_model_file", None)
+        == getattr(vocabulary, "sentencepiece_model_file", None)):
+      return name
+  return type(vocabulary).__name__
+
+
+def vocabulary_of_size(vocab_size: int, setting: str = "VOCAB_SIZE") -> str:
+  """The shipped vocabulary with exactly `vocab_size` ids (the model's embedding rows): what
+  evaluate, infer and analyze decode with unless told otherwise."""
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top
+  sizes = {name: vocab_lib.get_vocabulary(name).vocab_size
+           for name in list(vocab_lib.VOCABULARIES) + ["bytes"]}
+  for name, size in sizes.items():
+    if size == vocab_size:
+      return name
+  listed = ", ".join(f"{n} ({s} ids" + (f", tasks ending {_SUFFIXES[n]})" if n in _SUFFIXES
+                                          else ")") for n, s in sizes.items())
+  raise checks.SettingError(f"{setting} = {vocab_size} is the size of no shipped vocabulary: "
+                            f"{listed}. Set --gin.VOCAB_SIZE to the one the model was trained "
+                            "with (or give the run's config.gin as the model's --gin_file).")
+
+
+_SUFFIXES = {"spm32k": "without a suffix", "spm8k": "_8k"}
+
+
+def local_lm_tasks(vocab_size: int) -> list:
+  """The held-out LM tasks of the local corpus in the vocabulary of `vocab_size` ids: the
+  default evaluation tasks (code, English, other languages)."""
+  name = vocabulary_of_size(vocab_size)
+  suffix = {"spm32k": "", "spm8k": "_8k"}.get(name)
+  if suffix is None:
+    from moe_jax import checks  # pylint: disable=g-import-not-at-top
+    raise checks.SettingError(f"no local tasks use the {name} vocabulary; name the tasks "
+                              "(EVAL_TASKS).")
+  return [f"local_{domain}_lm{suffix}" for domain in DOMAIN_RATES]
+
+
+def check_tasks(names, setting: str, vocab_size: int, mixtures: bool = True) -> dict:
+  """{name: its vocabulary} for tasks (and, with `mixtures`, mixtures) a command is given.
+
+  Raises a SettingError naming `setting`: for a name that is not registered (with the closest
+  registered names), and for a task whose vocabulary has more ids than the model has rows
+  (`vocab_size`): those ids would index past the embedding and the loss would be NaN.
+  """
+  from moe_jax import checks  # pylint: disable=g-import-not-at-top
+  names = [names] if isinstance(names, str) else list(names)
+  known = list(seqio.TaskRegistry.names()) + (list(seqio.MixtureRegistry.names())
+                                              if mixtures else [])
+  vocabularies = {}
+  for name in names:
+    if name not in known:
+      kind = "task or mixture" if mixtures else "task"
+      raise checks.SettingError(f"{setting}: {name!r} is not a registered {kind} (tasks/"
+                                f"registry.py lists them).{checks.closest(name, known)}")
+    vocabulary = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    if vocabulary.vocab_size > vocab_size:
+      vname = vocabulary_name(vocabulary)
+      try:
+        fitting = vocabulary_of_size(vocab_size)
+        hint = (f", or use tasks ending {_SUFFIXES[fitting]} (the model's size is {fitting}'s)"
+                if fitting in _SUFFIXES else "")
+      except checks.SettingError:
+        hint = ""
+      raise checks.SettingError(
+          f"{setting}: {name!r} is tokenized with {vname} ({vocabulary.vocab_size} ids) but the "
+          f"model has VOCAB_SIZE = {vocab_size} rows: set --gin.VOCAB_SIZE="
+          f"{vocabulary.vocab_size}{hint}.")
+    vocabularies[name] = vocabulary
+  return vocabularies

@@ -129,8 +129,10 @@ def test_two_processes_of_the_cli_train_resume_and_restore_like_one(tmp_path):
     assert abs(r["loss/total"] - want[r["step"]]) <= RTOL * abs(want[r["step"]]), (r, want)
     assert r["moe/dropped_fraction"] == 0.0 and r["moe/overflow_fraction"] == 0.0
   # One writer: one metrics file, one TensorBoard directory with one event file per start.
-  # (operative_config.gin is written by a run that started at step 0 and finished.)
-  assert sorted(os.listdir(run)) == ["checkpoints", "config.gin", "metrics.jsonl", "train"]
+  # The configs: the first start's, and the restart's (at step EVERY) beside them.
+  assert sorted(os.listdir(run)) == [
+      "checkpoints", "config.gin", f"config.step{EVERY}.gin", "metrics.jsonl",
+      "operative_config.gin", f"operative_config.step{EVERY}.gin", "train"]
   assert len(os.listdir(os.path.join(run, "train"))) == 2
   assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [str(EVERY), str(STEPS)]
 

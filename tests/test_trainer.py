@@ -214,3 +214,70 @@ def test_gin_typos_fail_before_compiling_with_the_closest_names():
     trainer.parse_flags(["--gin_file=gin_configs/models/mixtrel_8x7b_tiny.gin"])
   with pytest.raises(SystemExit, match=r"trian_steps.*Closest|Closest.*train_steps"):
     trainer.parse_flags([f"--gin_file={f}" for f in FILES] + ["--gin.train.trian_steps=3"])
+
+
+def _snapshot(directory) -> dict:
+  """{relative path: bytes} of every file under `directory`."""
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, directory)] = f.read()
+  return files
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_a_restart_with_another_model_shape_changes_no_byte(uninterrupted, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, run)
+  before = _snapshot(run)
+  trainer.parse_flags(_flags(run, 2 * N + 4, N, ["NUM_EXPERTS=16"]))
+  with pytest.raises(ValueError) as error:
+    trainer.train()  # pylint: disable=missing-kwoa
+  message = str(error.value)
+  assert (f"{run} holds a run whose checkpoint (step {2 * N}) does not fit this model: "
+          "params/layers/block_3/moe/experts/wi is [1, 8, 32, 64] in the checkpoint but "
+          "[1, 16, 32, 64] in the model.") in message, message
+  assert "Nothing in the run directory was changed." in message
+  assert _snapshot(run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_a_damaged_newest_checkpoint_falls_back_and_stale_saves_go(uninterrupted, tmp_path):
+  """Step 2N truncated, a never-committed save lying around: the restart warns naming step
+  2N, restores step N, sets 2N aside, removes the stale save, and trains to the same weights
+  as the uninterrupted run (the same data and RNG after step N)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, run)
+  checkpoints = os.path.join(run, "checkpoints")
+  data_files = glob.glob(os.path.join(checkpoints, str(2 * N), "state", "ocdbt.process_0",
+                                      "d", "*"))
+  assert data_files
+  for path in data_files:
+    with open(path, "rb") as f:
+      data = f.read()
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 2])
+  stale = os.path.join(checkpoints, f"{2 * N + 5}.orbax-checkpoint-tmp-1700000000")
+  os.makedirs(os.path.join(stale, "state"))
+  config_before = open(os.path.join(run, "config.gin")).read()
+
+  code, out = _run(_flags(run, 2 * N, N))
+  assert code == 0, out[-3000:]
+  assert f"checkpoint step {2 * N} in {checkpoints} failed to restore" in out, out[-3000:]
+  assert f"Resumed from step {N}" in out
+  assert not os.path.exists(stale)
+  assert os.path.isdir(os.path.join(checkpoints, f"{2 * N}.unreadable"))
+  assert checkpoints_lib.committed_steps(checkpoints) == [N, 2 * N]
+  for a, b in zip(_final_params(uninterrupted, 2 * N), _final_params(run, 2 * N)):
+    np.testing.assert_array_equal(a, b)
+  # The first start's config stays; this start's own are kept beside it, by step.
+  assert open(os.path.join(run, "config.gin")).read() == config_before
+  assert os.path.exists(os.path.join(run, f"config.step{N}.gin"))
+  assert "train.train_steps" in open(os.path.join(run, f"operative_config.step{N}.gin")).read()
