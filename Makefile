@@ -18,20 +18,29 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# The main job: a tiny OpenMoE-style preset trained on the embedded local corpus with the UL2
-# mixture, on CPU (runs/tiny_cpu: checkpoints, TensorBoard events, metrics.jsonl). Run again,
-# it resumes from the last checkpoint (and stops at once when the run is complete).
+# The main job: a small OpenMoE-style MoE trained on the embedded local corpus with the UL2
+# mixture, on CPU (runs/tiny_cpu.gin), then three continuations of held-out code and English
+# prompts, and the routing report with its plots written into the run directory. Run again, it
+# resumes from the last checkpoint (and, the run complete, only samples and reports again).
+RUN_DIR ?= runs/tiny_cpu
 TRAIN_FLAGS ?=
+REPORT_TASKS = --task=code=local_code_lm_8k --task=english=local_english_lm_8k \
+  --task=multilingual=local_multilingual_lm_8k
 train: $(STAMP)
 	$(PY) -m moe_jax.train --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin \
-	  --gin_file=gin_configs/runs/tiny_cpu.gin $(TRAIN_FLAGS)
+	  --gin_file=gin_configs/runs/tiny_cpu.gin --gin.MODEL_DIR="'$(RUN_DIR)'" $(TRAIN_FLAGS)
+	$(PY) -m moe_jax.infer --gin_file=$(RUN_DIR)/config.gin --gin_file=gin_configs/runs/infer.gin \
+	  --gin.CHECKPOINT_DIR="'$(RUN_DIR)/checkpoints'" \
+	  --gin.INFER_TASK="['local_code_s_8k', 'local_english_s_8k']" --gin.infer.num_examples=3 \
+	  --gin.MAX_NEW_TOKENS=40 --gin.infer.sequence_length=256
+	$(PY) -m moe_jax.analyze --checkpoint=$(RUN_DIR) --compare_steps=first --max_tokens=20000 \
+	  $(REPORT_TASKS)
 
-# The routing report of that run (runs/tiny_cpu/routing_report/report.md): per-domain expert
-# load, token specialization, drops by position per capacity factor, checkpoint agreement.
+# The routing report of that run with every checkpoint compared
+# ($(RUN_DIR)/routing_report/report.md): per-domain expert load, token specialization, drops
+# by position per capacity factor, checkpoint agreement.
 analyze: $(STAMP)
-	$(PY) -m moe_jax.analyze --checkpoint=runs/tiny_cpu --compare_steps=all \
-	  --task=code=local_code_lm_8k --task=english=local_english_lm_8k \
-	  --task=multilingual=local_multilingual_lm_8k
+	$(PY) -m moe_jax.analyze --checkpoint=$(RUN_DIR) --compare_steps=all $(REPORT_TASKS)
 
 demo: $(STAMP)
 	$(PY) -m moe_jax.demo

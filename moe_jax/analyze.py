@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import checks
+from moe_jax import console
 from moe_jax import config as config_lib
 from moe_jax import partitioning as part
 from moe_jax import trainer
@@ -264,6 +265,7 @@ def analyze(argv=None) -> str:
 
 def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  console.quiet_native_logs()
   checks.exit_on_setting_error(analyze, argv)
   return 0
 

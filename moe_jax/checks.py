@@ -22,13 +22,17 @@ what is allowed. Where the checks run:
 | train.input_shards                        | an integer >= 1 dividing BATCH_SIZE | trainer.train  |
 | learning rates of the schedules           | finite numbers > 0 (end rate >= 0) | optimizers.*_schedule |
 | warm-up against decay steps               | 0 <= warmup_steps < decay_steps (refused, not clamped) | optimizers.warmup_cosine_schedule |
+| train.on_nonfinite, train.on_restore_error | 'stop' / 'skip'; 'fallback' / 'stop' | trainer.train    |
 | a restart's model against its checkpoint  | the same parameter shapes (first difference named) | trainer.train, before any write |
+| the model against CHECKPOINT_DIR / init_checkpoint | a committed step; the same parameter shapes | evaluate, infer, analyze, train |
+| evaluate's lengths, batch, max_batches    | integers >= 1                 | evaluate              |
 | infer's prompts / task                    | at least one; no empty prompt without a mode token | infer |
-| analyze's --texts_file                    | a file with at least one non-empty line | analyze |
-| params' --seq_len, demo's sizes           | integers >= 1                 | params, demo          |
+| infer's max_new_tokens, top_k, temperature, top_p, vocabulary | >= 1, >= 0, >= 0, (0, 1], the model's | infer |
+| analyze's --texts_file, sizes             | a file with a non-empty line; integers >= 1 | analyze |
+| params' --seq_len, dry_run's --seq_len/--batch, demo's sizes | integers >= 1 (batch >= 0) | params, dry_run, demo |
 
-Every command turns a `SettingError` into one line on stderr and exit status 2, no traceback
-(`checks.exit_on_setting_error`).
+Every command turns a `SettingError` into one line on stderr ("error: ...") and exit status 1,
+no traceback (`exit_on_setting_error`; `trainer.run_command` for train, evaluate, infer).
 
 (The layers, routers, meshes and partitioning check their own settings where they are
 defined: moe_layer.py, routing.py, partitioning.validate, expert_parallel.py.)
@@ -38,8 +42,8 @@ from __future__ import annotations
 import difflib
 import glob
 import math
-import re
 import os
+import re
 from typing import Optional, Sequence
 
 import gin

@@ -51,28 +51,29 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
   checks.integer("evaluate.batch_size", batch_size, 1, "BATCH_SIZE")
   checks.integer("evaluate.max_batches", max_batches, 1)
   vocab_size = model.module.vocab_size
-  tasks = registry.local_lm_tasks(vocab_size) if tasks is None else tasks
-  if isinstance(tasks, str):
-    tasks = [tasks]
-  if not tasks:
-    raise checks.SettingError("evaluate.tasks (EVAL_TASKS) is empty: name at least one task, "
-                              "or None for the local LM tasks of the model's vocabulary.")
-  registry.check_tasks(tasks, "evaluate.tasks (EVAL_TASKS)", vocab_size, mixtures=False)
+  if tasks is not None:
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+      raise checks.SettingError("evaluate.tasks (EVAL_TASKS) is empty: name at least one "
+                                "task, or None for the local LM tasks of the model's "
+                                "vocabulary.")
+    registry.check_tasks(tasks, "evaluate.tasks (EVAL_TASKS)", vocab_size, mixtures=False)
   device_mesh = part.make_mesh(**part.parse_mesh(mesh))
   rules = config_lib.configured_rules()
   part.validate(model.module, device_mesh, rules, batch_size)
   tokens = jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32)
   target = trainer.params_target(model.module, device_mesh, rules, tokens)
+  # The model against the checkpoint before the default tasks: a model of the wrong size is
+  # best told by the parameter that differs (and where the run's settings are).
   trainer.check_against_checkpoint(target, checkpoint_dir, step, restart=False)
+  if tasks is None:
+    tasks = registry.local_lm_tasks(vocab_size)
   params, extra, step = checkpoints_lib.restore_params(checkpoint_dir, target["params"],
                                                        target["extra"], step)
   eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))
   results = trainer.evaluate_tasks(eval_fn, _Weights(params, extra), tasks, device_mesh, rules,
                                    sequence_length, batch_size, max_batches, seed)
-  print(f"step {step}")
-  for task, metrics in results.items():
-    print(f"  {task:40s} loss {metrics['loss/cross_entropy']:.4f}  accuracy "
-          f"{metrics['accuracy']:.4f}  tokens {metrics['num_tokens']:.0f}")
+  print(trainer.eval_table(step, results), flush=True)
   if jax.process_index() == 0:
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),
                         f"eval_step{step}.json")

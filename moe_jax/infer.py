@@ -16,7 +16,7 @@ the prediction. Outputs go to stdout and `<checkpoint_dir>/../infer_step<N>.json
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import gin
 import jax
@@ -33,13 +33,16 @@ from moe_jax import trainer
 
 @gin.configurable(module="moe_jax.infer")
 def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
-          prompts: Sequence[str] = (), task: Optional[str] = None, num_examples: int = 4,
+          prompts: Sequence[str] = (), task: Union[None, str, Sequence[str]] = None,
+          num_examples: int = 4,
           vocabulary: Optional[str] = None, mode_token: Optional[str] = "[S2S]",
           max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
           top_p: float = 1.0, sequence_length: int = 512, seed: int = 0,
           step: Optional[int] = None) -> list:
   """[{prompt, prediction[, targets]}] for each prompt (and each task example).
 
+  task: a task or a list of tasks; `num_examples` validation examples in all are taken from
+    them in turn.
   vocabulary: None (infer.gin's default) decodes with the task's vocabulary, or without a
     task with the shipped vocabulary of the model's size (VOCAB_SIZE): one source of truth.
   """
@@ -61,9 +64,14 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
   checks.number("infer.temperature", temperature, minimum=0.0)
   checks.number("infer.top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
   vocab_size = model.module.vocab_size
-  if task:
-    vocab = registry.check_tasks(task, "infer.task (INFER_TASK)", vocab_size,
-                                 mixtures=False)[task]
+  task_names = [task] if isinstance(task, str) else list(task or [])
+  if task_names:
+    vocabularies = registry.check_tasks(task_names, "infer.task (INFER_TASK)", vocab_size,
+                                        mixtures=False)
+    vocab = vocabularies[task_names[0]]
+    if len({v.vocab_size for v in vocabularies.values()}) > 1:
+      raise checks.SettingError(f"infer.task (INFER_TASK) = {task_names}: the tasks use "
+                                "different vocabularies; give tasks of one vocabulary.")
   else:
     vocab = vocab_lib.get_vocabulary(registry.vocabulary_of_size(vocab_size))
   if vocabulary is not None:
@@ -91,17 +99,7 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
   for text in prompts:
     ids = vocab_lib.without_extra_ids(vocab).encode(text)
     requests.append({"prompt": text, "ids": mode + list(ids)})
-  if task:
-    ds = pipeline.get_dataset(task, sequence_length, 1, split="validation", seed=seed,
-                              shuffle=False, pack=False)
-    for batch in ds.take(num_examples).as_numpy_iterator():
-      causal = batch["decoder_causal_attention"][0]
-      tokens = batch["decoder_target_tokens"][0]
-      width = max(int(causal.sum()) - 1, 1)  # the inputs (causal marks one more position)
-      real = tokens[tokens > 0]
-      requests.append({"prompt": vocab.decode(real[:width].tolist()),
-                       "targets": vocab.decode(real[width:].tolist()),
-                       "ids": real[:width].tolist()})
+  requests += _task_requests(pipeline, vocab, task_names, num_examples, sequence_length, seed)
   results = []
   for i, request in enumerate(requests):
     prompt = np.asarray([request["ids"]], np.int32)
@@ -113,13 +111,58 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
     result = {k: v for k, v in request.items() if k != "ids"}
     result["prediction"] = vocab.decode(np.asarray(new[0]).tolist())
     results.append(result)
-    print(json.dumps(result, ensure_ascii=False))
+    print(_readable(result), flush=True)
   if jax.process_index() == 0:
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),
                         f"infer_step{step}.jsonl")
     with open(path, "w") as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   return results
+
+
+def _task_requests(pipeline, vocab, task_names: Sequence[str], num_examples: int,
+                   sequence_length: int, seed: int) -> list:
+  """`num_examples` validation examples in all, taken from the tasks in turn: the inputs are
+  the prompt (the prefix of an S-denoiser task), the targets what the document goes on with."""
+  iterators = {name: pipeline.get_dataset(name, sequence_length, 1, split="validation",
+                                          seed=seed, shuffle=False, pack=False
+                                          ).as_numpy_iterator() for name in task_names}
+  requests = []
+  while iterators and len(requests) < num_examples:
+    for name in list(iterators):
+      if len(requests) == num_examples:
+        break
+      batch = next(iterators[name], None)
+      if batch is None:
+        del iterators[name]
+        continue
+      causal = batch["decoder_causal_attention"][0]
+      tokens = batch["decoder_target_tokens"][0]
+      width = max(int(causal.sum()) - 1, 1)  # the inputs (causal marks one more position)
+      real = tokens[tokens > 0]
+      shown = real[1:width] if real[0] >= vocab.vocab_size - vocab.extra_ids else real[:width]
+      requests.append({"task": name, "prompt": vocab.decode(shown.tolist()),  # no mode token
+                       "targets": vocab.decode(real[width:].tolist()),
+                       "ids": real[:width].tolist()})
+  iterators.clear()  # (partly read: TensorFlow says so as they go, while the console filters)
+  return requests
+
+
+def _readable(result: dict, width: int = 300) -> str:
+  """A result as text for the console (the .jsonl file keeps them whole)."""
+  def tail(text: str) -> str:
+    text = text if len(text) <= width else "…" + text[-width:]
+    return text.replace("\n", "\n    ")
+
+  def head(text: str) -> str:
+    text = text if len(text) <= width else text[:width] + "…"
+    return text.replace("\n", "\n    ")
+
+  lines = [f"--- {result.get('task', 'prompt')}", f"  prompt: {tail(result['prompt'])}",
+           f"  model:  {head(result['prediction'])}"]
+  if "targets" in result:
+    lines.append(f"  actual: {head(result['targets'])}")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:

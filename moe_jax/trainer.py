@@ -37,6 +37,7 @@ import numpy as np
 
 from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import checks
+from moe_jax import console
 from moe_jax import config as config_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import optimizers
@@ -180,9 +181,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
     for task, scalars in results.items():
       if writer is not None:
         writer.write(step, scalars, split=f"eval/{task}")
+    if results and jax.process_index() == 0:
+      progress.write(eval_table(step, results))
 
   # --- the loop ------------------------------------------------------------------------
-  last, summed, summed_steps = {}, None, 0
+  last, summed, summed_steps, step_seconds = {}, None, 0, 0.0
   step_start = time.perf_counter()
   for step in range(start_step, train_steps):
     batch = next(batches)
@@ -208,6 +211,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
     done = step + 1
     if summed_steps and (done % log_every == 0 or done == train_steps):
       seconds = (time.perf_counter() - step_start) / summed_steps
+      step_seconds += seconds * summed_steps
       means = jax.tree.map(lambda x: x / summed_steps, summed)
       last = metrics_lib.scalars(means)
       summed, summed_steps = None, 0
@@ -228,6 +232,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   checkpointer.wait()
   checkpointer.close()
   progress.close()
+  if jax.process_index() == 0 and train_steps > start_step:
+    print(f"Trained steps {start_step + 1}-{train_steps} in {step_seconds / 60:.1f} min of steps "
+          f"({step_seconds / (train_steps - start_step):.2f} s/step, evaluation and "
+          f"checkpoints excluded); final train loss "
+          f"{last.get('loss/cross_entropy', float('nan')):.3f}.", flush=True)
   if writer is not None:
     writer.close()
   return last
@@ -284,6 +293,17 @@ def check_against_checkpoint(target, checkpoint_dir: str, step: Optional[int] = 
       f"the checkpoint {checkpoint_dir} (step {step}) does not fit this model: {difference}. "
       f"Give the model the run's settings{settings}, e.g. --gin_file=<that config.gin> as the "
       "model, or the --gin.VOCAB_SIZE / size macros it was trained with.")
+
+
+def eval_table(step: int, results: dict) -> str:
+  """The evaluation results of a step as a table: one row per task."""
+  width = max(len(t) for t in results) + 2
+  lines = [f"eval at step {step}:", f"  {'task':{width}s}{'loss':>8s}{'accuracy':>10s}"
+                                      f"{'tokens':>10s}"]
+  for task, metrics in results.items():
+    lines.append(f"  {task:{width}s}{metrics['loss/cross_entropy']:8.3f}"
+                 f"{metrics['accuracy']:10.3f}{metrics['num_tokens']:10,.0f}")
+  return "\n".join(lines)
 
 
 def _host_batches(pipeline, mixture_or_task: str, sequence_length: int, batch_size: int,
@@ -397,6 +417,13 @@ class _progress:  # pylint: disable=invalid-name
       logging.info("step %d: %s", step, text)
     self._step = step
 
+  def write(self, text: str) -> None:
+    """Prints above the bar (or plainly when there is none)."""
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
@@ -496,6 +523,7 @@ def run_command(fn, argv=None) -> int:
   """The body of `python -m moe_jax.{train,evaluate,infer}`: gin flags, then `fn()`."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data side's TensorFlow: errors only
+  console.quiet_native_logs()  # TensorFlow's CUDA probing, SentencePiece's per-load line
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
   start_processes(flags)
   checks.exit_on_setting_error(fn)  # everything comes from gin

@@ -118,7 +118,7 @@ COMMAND_CASES = [
      "train.on_restore_error = 'retry'; choose 'fallback' or 'stop'."),
     ("train", [MODEL, "--gin_file=gin_configs/runs/tiny_cpu", "--gin.TRAIN_STEPS=5"],
      "gin file 'gin_configs/runs/tiny_cpu' not found. Closest: gin_configs/runs/tiny_cpu.gin"),
-    ("evaluate", [MODEL, *EVAL, "--gin.VOCAB_SIZE=512"],  # no shipped vocabulary's size
+    ("infer", [MODEL, *INFER, "--gin.PROMPTS=['x']", "--gin.VOCAB_SIZE=512"],  # no vocabulary's
      "VOCAB_SIZE = 512 is the size of no shipped vocabulary: spm32k (32384 ids, tasks ending "
      "without a suffix), spm8k (8384 ids, tasks ending _8k), bytes (643 ids). Set "
      "--gin.VOCAB_SIZE to the one the model was trained with"),

@@ -281,3 +281,17 @@ def test_a_damaged_newest_checkpoint_falls_back_and_stale_saves_go(uninterrupted
   assert open(os.path.join(run, "config.gin")).read() == config_before
   assert os.path.exists(os.path.join(run, f"config.step{N}.gin"))
   assert "train.train_steps" in open(os.path.join(run, f"operative_config.step{N}.gin")).read()
+
+
+@pytest.mark.xdist_group("trainer")
+def test_evaluate_with_another_model_names_the_parameter_and_the_run_config(uninterrupted):
+  """The README-style mistake: the preset alone (512 rows) on the run's checkpoint (8384)."""
+  checkpoint_dir = os.path.join(uninterrupted, "checkpoints")
+  trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/eval.gin",
+                       f"--gin.CHECKPOINT_DIR='{checkpoint_dir}'"])
+  with pytest.raises(ValueError) as error:
+    evaluate_lib.evaluate()  # pylint: disable=missing-kwoa
+  message = str(error.value)
+  assert (f"the checkpoint {checkpoint_dir} (step {2 * N}) does not fit this model: "
+          "params/final_norm/scale is [32] in the checkpoint but [64] in the model.") in message
+  assert os.path.join(uninterrupted, "config.gin") in message
