@@ -413,8 +413,8 @@ class _progress:  # pylint: disable=invalid-name
     if self._bar is not None:
       self._bar.update(step - self._step)
       self._bar.set_postfix_str(text)
-    elif jax.process_index() == 0:
-      logging.info("step %d: %s", step, text)
+    elif jax.process_index() == 0:  # print: absl's handler keeps INFO logs off the console
+      print(f"step {step}: {text}", flush=True)
     self._step = step
 
   def write(self, text: str) -> None:

@@ -33,8 +33,8 @@ TRAIN_CASES = [
      "train.input_shards = 3 must divide train.batch_size (BATCH_SIZE) = 16"),
     ("optimizers.warmup_cosine_schedule.peak_learning_rate = 1e999",
      "optimizers.warmup_cosine_schedule.peak_learning_rate must be a finite number > 0, got inf."),
-    ("TRAIN_STEPS = 20",  # tiny_cpu.gin's 30-step warm-up is longer than the run
-     "optimizers.warmup_cosine_schedule.warmup_steps = 30 must be below "
+    ("TRAIN_STEPS = 20",  # tiny_cpu.gin's 40-step warm-up is longer than the run
+     "optimizers.warmup_cosine_schedule.warmup_steps = 40 must be below "
      "optimizers.warmup_cosine_schedule.decay_steps = 20 (the run's length in "
      "runs/tiny_cpu.gin: TRAIN_STEPS): shorten the warm-up, e.g. "
      "--gin.optimizers.warmup_cosine_schedule.warmup_steps=2."),
