@@ -20,6 +20,7 @@ and records_step<N>.npz (reload with RoutingRecords.load for your own analyses).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -101,6 +102,17 @@ def load_variables(model, ckpt_dir: Optional[str], step: Optional[int] = None,
   return {"params": jax.device_get(params), **jax.device_get(extra)}, step
 
 
+def _capacity_factors(spec: str) -> List[float]:
+  try:
+    factors = [float(c) for c in spec.split(",") if c.strip()]
+  except ValueError:
+    factors = []
+  if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
+    raise checks.SettingError(f"--capacity_factors={spec}: give a comma list of finite numbers "
+                              "> 0, e.g. 0.5,1.0,1.25,2.0.")
+  return factors
+
+
 def _compare_steps(spec: str, available: List[int], step: int) -> List[int]:
   others = [s for s in available if s != step]
   if spec == "none" or not others:
@@ -109,10 +121,15 @@ def _compare_steps(spec: str, available: List[int], step: int) -> List[int]:
     return [others[0]]
   if spec == "all":
     return others
-  wanted = [int(s) for s in spec.split(",")]
+  try:
+    wanted = [int(s) for s in spec.split(",")]
+  except ValueError:
+    raise checks.SettingError(f"--compare_steps={spec}: choose first, all, none or a comma list "
+                              f"of steps; available: {available}.") from None
   missing = sorted(set(wanted) - set(available))
   if missing:
-    raise SystemExit(f"--compare_steps: no checkpoint at {missing}; available: {available}.")
+    raise checks.SettingError(f"--compare_steps: no checkpoint at {missing}; available: "
+                              f"{available}.")
   return [s for s in wanted if s != step]
 
 
@@ -227,6 +244,10 @@ def analyze(argv=None) -> str:
     trainer.check_against_checkpoint(
         trainer.params_target(model.module, mesh, config_lib.configured_rules(), tokens),
         ckpt_dir, args.step, restart=False)
+  capacity_factors = _capacity_factors(args.capacity_factors)
+  available = checkpoints_lib.committed_steps(ckpt_dir) if ckpt_dir else []  # read-only
+  latest = args.step if args.step is not None else (available[-1] if available else None)
+  compare = _compare_steps(args.compare_steps, available, latest)  # checked before any write
   out = args.out or os.path.join(model_dir, "routing_report")
   sources, decode = _sources(args, tasks, model.module.vocab_size)
   variables, step = load_variables(model, ckpt_dir, args.step, args.sequence_length)
@@ -237,12 +258,11 @@ def analyze(argv=None) -> str:
         f"({records.nbytes / 1e6:.1f} MB)", flush=True)
 
   by_step = {}
-  available = (checkpoints_lib.Checkpointer(ckpt_dir).all_steps() if ckpt_dir else [])
-  for other in _compare_steps(args.compare_steps, available, step):
+  for other in compare:
     other_vars, _ = load_variables(model, ckpt_dir, other, args.sequence_length)
     by_step[other] = record_all(model, other_vars, sources, args.max_tokens, other)
   sweep = [record_all(model, variables, sources, args.max_tokens, step, capacity_factor=cf)
-           for cf in (float(c) for c in args.capacity_factors.split(",") if c)]
+           for cf in capacity_factors]
   dropless = records.capacity_factor is None
   results = analyses.run_all(records, compare_with=by_step.get(min(by_step)) if by_step else None,
                              capacity_sweep=None if dropless else sweep, decode=decode,

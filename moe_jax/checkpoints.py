@@ -53,14 +53,14 @@ class Checkpointer:
   Retention: the last `keep_last` checkpoints are kept, plus, forever, every step that is a
   multiple of `keep_every_steps` (the long-term record for evals and loss-spike forensics).
 
-  Only one live writer per directory: opening a Checkpointer deletes unfinished
-  `*.orbax-checkpoint-tmp` directories, which are the in-flight save of any other process
-  writing there. Multi-host: every process constructs it and calls save/restore/wait/close
+  Only one live writer per directory: the writer opens it with `remove_stale_saves=True`,
+  which deletes unfinished `*.orbax-checkpoint-tmp` directories (the in-flight save of any
+  other process writing there). Multi-host: every process constructs it and calls save/restore/wait/close
   (orbax synchronises the hosts internally).
   """
 
   def __init__(self, directory: str, keep_last: int = 3, keep_every_steps: Optional[int] = None,
-               async_save: bool = True):
+               async_save: bool = True, remove_stale_saves: bool = False):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
@@ -71,6 +71,9 @@ class Checkpointer:
       keep_every_steps: also keep every checkpoint whose step is a multiple of this, forever.
       async_save: if True, `save` returns after the device-to-host copy and the files are
         written by a background thread; `wait` blocks until that save is committed.
+      remove_stale_saves: delete `*.orbax-checkpoint-tmp*` directories first (the training
+        loop's writer does, at start-up); never for a reader, since they may be the in-flight
+        save of a run still training there.
     """
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -78,7 +81,7 @@ class Checkpointer:
       raise ValueError(f"keep_every_steps must be None or >= 1, got {keep_every_steps}")
     if "://" not in directory:
       directory = os.path.abspath(directory)
-      if jax.process_index() == 0:
+      if remove_stale_saves and jax.process_index() == 0:
         remove_stale_temporaries(directory)
     self._directory = directory
     policies = [preservation_lib.LatestN(n=keep_last)]
@@ -196,13 +199,12 @@ class Checkpointer:
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f"no committed checkpoint in {self._directory}")
+    restored = None
     for step in reversed(steps):
       try:
         with _absl_level(logging.CRITICAL):  # orbax logs each failed read with its spec
-          state, data = self.restore(abstract_state, step)
-        for bad_step, _ in failures:  # kept for forensics, out of the way of the next saves
-          self.set_aside(bad_step)
-        return state, data, failures
+          restored = self.restore(abstract_state, step)
+        break
       except Exception as e:  # pylint: disable=broad-except  (tensorstore, OSError, ...)
         reason = _short_reason(e)
         if not fallback:
@@ -212,22 +214,31 @@ class Checkpointer:
         logging.warning("checkpoint step %d in %s failed to restore (%s); trying the previous "
                         "committed step.", step, self._directory, reason)
         failures.append((step, reason))
-    raise RuntimeError(f"no committed checkpoint in {self._directory} restores: "
-                       + "; ".join(f"step {s}: {r}" for s, r in failures))
+    if restored is None:
+      raise RuntimeError(f"no committed checkpoint in {self._directory} restores: "
+                         + "; ".join(f"step {s}: {r}" for s, r in failures))
+    _same_on_every_process(int(restored[1].get("batches_consumed", -1)) if isinstance(
+        restored[1], dict) else -1, "restored step")
+    for bad_step, _ in failures:  # kept for forensics, out of the way of the next saves
+      self.set_aside(bad_step)
+    return restored[0], restored[1], failures
 
   def set_aside(self, step: int) -> str:
     """Renames committed step `step` to `<step>.unreadable[-N]` (which step discovery skips),
     so that training can save that step again; returns the new path."""
-    source = os.path.join(self._directory, str(int(step)))
-    target = f"{source}.unreadable"
+    from etils import epath  # pylint: disable=g-import-not-at-top  (orbax's path library)
+    source = epath.Path(self._directory) / str(int(step))
+    target = source.parent / f"{source.name}.unreadable"
     if jax.process_index() == 0:
       n = 1
-      while os.path.exists(target):
+      while target.exists():
         n += 1
-        target = f"{source}.unreadable-{n}"
-      os.rename(source, target)
+        target = source.parent / f"{source.name}.unreadable-{n}"
+      source.rename(target)
+      logging.warning("checkpoint step %d set aside as %s (kept, not deleted).", step, target)
+    _same_on_every_process(int(step), "step set aside")  # a barrier: renamed before reload
     self._manager.reload()
-    return target
+    return str(target)
 
   def wait(self) -> None:
     """Blocks until the in-flight async save (if any) is committed; re-raises its error."""
@@ -264,6 +275,19 @@ def restore_params(directory: str, abstract_params: Any, abstract_extra: Any = N
       args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
   return restored["params"], restored.get("extra", {}), int(step)
+
+
+def _same_on_every_process(value: int, what: str) -> None:
+  """Multi-process runs: every process holds the same `value` (all-gathered, so also a
+  barrier), else a RuntimeError: processes that restored different steps must not go on."""
+  if jax.process_count() == 1:
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  values = np.asarray(multihost_utils.process_allgather(np.int64(value)))
+  if len(set(values.tolist())) > 1:
+    raise RuntimeError(f"the processes disagree on the {what}: {values.tolist()} (a checkpoint "
+                       "that reads back on some hosts only?); stopping rather than diverging.")
 
 
 @contextlib.contextmanager

@@ -8,10 +8,10 @@ what is allowed. Where the checks run:
 | `--gin_file` paths                        | existing files (closest named) | config.parse_gin      |
 | `--gin.NAME=` macro bindings              | a macro the files define or use (closest named) | config.parse_gin |
 | `%NAME` references in the files           | a macro some file defines (e.g. MODEL: a model preset) | config.parse_gin |
-| `--gin.NAME=value` numbers                | finite (no nan, inf)         | config.parse_gin      |
-| macros left `%gin.REQUIRED` (MODEL_DIR, …) | set                         | every command, first  |
+| numbers in the files and `--gin.NAME=value` | finite (no nan, inf, 1e999) | config.parse_gin      |
+| macros left `%gin.REQUIRED` (MODEL_DIR, …) | set                         | train, evaluate, infer (their run gins), first |
 | tasks and mixtures named by a command     | registered names (closest named) | train, evaluate, infer, analyze |
-| VOCAB_SIZE against each task's vocabulary | >= the task's ids; infer/analyze decode with the task's | train, evaluate, infer, analyze |
+| VOCAB_SIZE against each task's vocabulary | equal to its size (spm8k 8384, spm32k 32384) | train, evaluate, infer, analyze |
 | train.train_steps (TRAIN_STEPS)           | an integer >= 1, set         | trainer.train         |
 | train.sequence_length (SEQUENCE_LENGTH)   | an integer >= 1              | trainer.train         |
 | train.batch_size (BATCH_SIZE)             | an integer >= 1              | trainer.train         |
@@ -158,7 +158,7 @@ def gin_files(files: Sequence[str], roots: Sequence[str]) -> None:
 
 
 # --- gin: what the files and the command line bind --------------------------------------
-_NON_FINITE = re.compile(r"(?<![\w.])[-+]?(nan|inf|infinity)(?![\w.])", re.IGNORECASE)
+_NON_FINITE = re.compile(r"(?<![\w.%])[-+]?(nan|inf|infinity)(?![\w.])", re.IGNORECASE)
 
 
 def binding_values(bindings: Sequence[str]) -> None:
@@ -169,6 +169,15 @@ def binding_values(bindings: Sequence[str]) -> None:
     if _NON_FINITE.search(re.sub(r"'[^']*'|\"[^\"]*\"", "''", value)):
       raise SettingError(f"--gin.{name.strip()}={value.strip()}: settings must be finite "
                          "numbers (nan and inf are refused).")
+
+
+def finite_values(values: dict) -> None:
+  """No parsed value (`{binding: value}`, from the files and the command line) is a non-finite
+  float: `1e999` parses as inf."""
+  for where, value in values.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise SettingError(f"{where} = {value}: settings must be finite numbers (nan and inf are "
+                         "refused).")
 
 
 def macro_bindings(bindings: Sequence[str], known: Sequence[str]) -> None:

@@ -62,6 +62,27 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.parse_config(list(bindings))
   defined, used, _ = macros()
   checks.macro_references(defined, used)
+  checks.finite_values(_parsed_floats())
+
+
+def _parsed_floats() -> dict:
+  """{binding: float} of every float bound in gin's current config (lists and dicts too)."""
+  found = {}
+
+  def visit(value, where: str) -> None:
+    if isinstance(value, float):
+      found.setdefault(where, value)
+    elif isinstance(value, (list, tuple, set)):
+      for item in value:
+        visit(item, where)
+    elif isinstance(value, dict):
+      for item in value.values():
+        visit(item, where)
+
+  for (scope, selector), parameters in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    for parameter, value in parameters.items():
+      visit(value, scope if selector == _MACRO else f"{selector}.{parameter}")
+  return found
 
 
 _MACRO = "gin.macro"

@@ -84,7 +84,7 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, decay_s
   checks.integer(f"{name}.decay_steps", decay_steps, 1, "TRAIN_STEPS")
   checks.integer(f"{name}.warmup_steps", warmup_steps, 0)
   if warmup_steps >= decay_steps:
-    raise ValueError(
+    raise checks.SettingError(
         f"{name}.warmup_steps = {warmup_steps} must be below {name}.decay_steps = "
         f"{decay_steps} (the run's length in runs/tiny_cpu.gin: TRAIN_STEPS): shorten the "
         f"warm-up, e.g. --gin.{name}.warmup_steps={max(decay_steps // 10, 0)}.")
@@ -338,11 +338,11 @@ def create_optimizer(name: str = "adafactor", schedule: Union[None, float, Sched
   if name not in _FACTORIES:
     close = difflib.get_close_matches(str(name), OPTIMIZER_NAMES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "."
-    raise ValueError(f"unknown optimizer {name!r}: valid names are "
+    raise checks.SettingError(f"unknown optimizer {name!r}: valid names are "
                      f"{', '.join(OPTIMIZER_NAMES)}{hint}")
   if schedule is None:
     if name != "adafactor":
-      raise ValueError(f"optimizer {name!r} needs a learning-rate schedule (a float or a "
+      raise checks.SettingError(f"optimizer {name!r} needs a learning-rate schedule (a float or a "
                        "step -> rate function, e.g. @warmup_cosine_schedule()).")
     schedule = rsqrt_schedule()
   if not callable(schedule):

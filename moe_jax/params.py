@@ -46,7 +46,8 @@ def human_count(n: float) -> str:
   """1.23B, 45.6M, 7.89K or 512: three significant digits at any size."""
   for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
     if abs(n) >= scale:
-      return f"{n / scale:.3g}{unit}" if n / scale < 1000 else f"{n / scale:,.0f}{unit}"
+      text = f"{n / scale:.3g}"
+      return (text if "e" not in text else f"{n / scale:,.0f}") + unit  # 999,950: "1,000K"
   return f"{n:.0f}"
 
 

@@ -35,6 +35,8 @@ MESH_AXES = ("replica", "data", "expert", "model")
 BATCH_AXES = ("replica", "data", "expert")
 Rules = Tuple[Tuple[str, Any], ...]
 
+from moe_jax import checks
+
 
 def mesh_shape(num_devices: int, replica: int = 1, data: int = -1, expert: int = 1,
                model: int = 1) -> Tuple[int, int, int, int]:
@@ -42,16 +44,16 @@ def mesh_shape(num_devices: int, replica: int = 1, data: int = -1, expert: int =
   sizes = [replica, data, expert, model]
   unknown = [i for i, s in enumerate(sizes) if s == -1]
   if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be >= 1, with at most one -1; got "
+    raise checks.SettingError(f"mesh sizes must be >= 1, with at most one -1; got "
                      f"{dict(zip(MESH_AXES, sizes))}.")
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes (product {known}) "
+      raise checks.SettingError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes (product {known}) "
                        f"do not divide the {num_devices} devices.")
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, but "
+    raise checks.SettingError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, but "
                      f"{num_devices} are available: the sizes must multiply to the device count.")
   return tuple(sizes)
 
@@ -77,7 +79,7 @@ def parse_mesh(spec: str) -> dict:
   for part in filter(None, spec.split(",")):
     name, _, size = part.partition(":")
     if name not in MESH_AXES:
-      raise ValueError(f"mesh axis must be one of {MESH_AXES}, got {name!r} in {spec!r}.")
+      raise checks.SettingError(f"mesh axis must be one of {MESH_AXES}, got {name!r} in {spec!r}.")
     out[name] = int(size)
   return out
 
@@ -182,17 +184,17 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
   """Errors before compilation: experts vs the expert axis, batch vs the batch axes."""
   split = logical_axis_size(mesh, rules, "batch")
   if batch_size % split:
-    raise ValueError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
+    raise checks.SettingError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
                      f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
   if getattr(module, "moe_layer", None) is not None:
     layer = module.moe_layer()
     num_experts = layer.num_experts
     e = logical_axis_size(mesh, rules, "expert")
     if num_experts % e:
-      raise ValueError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
+      raise checks.SettingError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
                        f"({e} devices); choose a multiple of {e} experts or a smaller axis.")
     if layer.layout == "grouped" and layer.num_expert_partitions != e:
-      raise ValueError(
+      raise checks.SettingError(
           f"num_expert_partitions={layer.num_expert_partitions} but the mesh splits the experts "
           f"over {e} devices: set NUM_EXPERT_PARTITIONS = {e} (runs/pretrain.gin derives it "
           "from MESH).")

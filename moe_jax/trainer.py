@@ -112,7 +112,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if resuming:  # a restart must fit its checkpoint: refuse before touching the directory
     check_against_checkpoint(target, checkpoint_dir)
   elif init_checkpoint:
-    check_against_checkpoint(target, init_checkpoint, restart=False)
+    check_against_checkpoint(target, init_checkpoint, restart=False,
+                             setting="train.init_checkpoint (INIT_CHECKPOINT)")
 
   # --- the run directory: written only from here on ------------------------------------
   os.makedirs(model_dir, exist_ok=True)
@@ -122,13 +123,14 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
   # --- state: restore, fine-tune from, or initialise -----------------------------------
   checkpointer = checkpoints_lib.Checkpointer(
-      checkpoint_dir, keep_last=keep_checkpoints, keep_every_steps=keep_every_steps)
+      checkpoint_dir, keep_last=keep_checkpoints, keep_every_steps=keep_every_steps,
+      remove_stale_saves=True)  # the run's one writer: failed saves of earlier starts go
   if checkpointer.latest_step() is not None:
     state, data, failures = checkpointer.restore_latest_intact(
         target, fallback=on_restore_error == "fallback")
-    for bad_step, _ in failures:  # (each logged as it failed, with the reason)
-      logging.warning("restored step %d instead of the unreadable step %d (kept as "
-                      "checkpoints/%d.unreadable).", int(state.step), bad_step, bad_step)
+    for bad_step, _ in failures:  # (each logged as it failed, with the reason, and set aside)
+      logging.warning("restored step %d instead of the unreadable step %d.", int(state.step),
+                      bad_step)
     print(f"Resumed from step {int(state.step)} ({data}).", flush=True)
     if data.get("input_shards", input_shards) != input_shards:
       logging.warning("The run's batches so far came from %s input shards, now from %d: the "
@@ -150,8 +152,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if writes_files:  # what this start runs with; a resumed start never overwrites the first's
     suffix = f".step{start_step}" if resuming else ""
     if resuming:
-      write_config(model_dir, f"config{suffix}.gin", gin.config_str())
-    write_config(model_dir, f"operative_config{suffix}.gin", gin.operative_config_str())
+      write_config(model_dir, f"config{suffix}.gin", gin.config_str(), keep_existing=True)
+    write_config(model_dir, f"operative_config{suffix}.gin", gin.operative_config_str(),
+                 keep_existing=resuming)
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
   rows = part.host_batch_rows(device_mesh, rules, batch_size)
@@ -242,10 +245,20 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   return last
 
 
-def write_config(model_dir: str, name: str, text: str) -> None:
-  """Writes a config file of the run atomically (a temporary file renamed over it): a crash
-  never leaves a half-written config, and an earlier start's file is never overwritten."""
+def write_config(model_dir: str, name: str, text: str, keep_existing: bool = False) -> None:
+  """Writes a config file of the run atomically (a temporary file renamed over it), so a crash
+  never leaves a half-written config. With `keep_existing`, a file of that name with other
+  contents is kept and this one is written as `<stem>-2.gin` (-3, ...); the same contents are
+  not written twice (a finished run started again)."""
   path = os.path.join(model_dir, name)
+  if keep_existing:
+    stem, n = path[:-len(".gin")], 1
+    while os.path.exists(path):
+      with open(path) as f:
+        if f.read() == text:
+          return
+      n += 1
+      path = f"{stem}-{n}.gin"
   temporary = f"{path}.tmp-{os.getpid()}"
   with open(temporary, "w") as f:
     f.write(text)
@@ -253,7 +266,7 @@ def write_config(model_dir: str, name: str, text: str) -> None:
 
 
 def check_against_checkpoint(target, checkpoint_dir: str, step: Optional[int] = None,
-                             restart: bool = True) -> None:
+                             restart: bool = True, setting: str = "CHECKPOINT_DIR") -> None:
   """The model's parameters (and, for a restart, the optimizer state) have the shapes of the
   checkpoint's (`step`, default the newest), else a SettingError naming the first differing
   parameter. Read from orbax's metadata: no array is read, nothing is written."""
@@ -261,7 +274,7 @@ def check_against_checkpoint(target, checkpoint_dir: str, step: Optional[int] = 
   if not restart and (not steps or (step is not None and int(step) not in steps)):
     which = "" if step is None else f" for step {step}"
     raise checks.SettingError(
-        f"no committed checkpoint{which} in {checkpoint_dir}: CHECKPOINT_DIR must name a run's "
+        f"no committed checkpoint{which} in {checkpoint_dir}: {setting} must name a run's "
         f"checkpoints directory (<MODEL_DIR>/checkpoints); committed steps there: {steps}.")
   if not steps:
     return

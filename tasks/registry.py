@@ -174,8 +174,10 @@ def check_tasks(names, setting: str, vocab_size: int, mixtures: bool = True) -> 
   """{name: its vocabulary} for tasks (and, with `mixtures`, mixtures) a command is given.
 
   Raises a SettingError naming `setting`: for a name that is not registered (with the closest
-  registered names), and for a task whose vocabulary has more ids than the model has rows
-  (`vocab_size`): those ids would index past the embedding and the loss would be NaN.
+  registered names), and for a task whose vocabulary's size is not the model's rows
+  (`vocab_size`): more ids than rows index past the embedding (a NaN loss); fewer would train
+  fine but leave VOCAB_SIZE naming another vocabulary, which evaluate's default tasks and
+  infer's decoding then follow.
   """
   from moe_jax import checks  # pylint: disable=g-import-not-at-top
   names = [names] if isinstance(names, str) else list(names)
@@ -188,7 +190,7 @@ def check_tasks(names, setting: str, vocab_size: int, mixtures: bool = True) -> 
       raise checks.SettingError(f"{setting}: {name!r} is not a registered {kind} (tasks/"
                                 f"registry.py lists them).{checks.closest(name, known)}")
     vocabulary = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
-    if vocabulary.vocab_size > vocab_size:
+    if vocabulary.vocab_size != vocab_size:  # more rows would decode and default wrongly
       vname = vocabulary_name(vocabulary)
       try:
         fitting = vocabulary_of_size(vocab_size)

@@ -31,8 +31,6 @@ TRAIN_CASES = [
     ("train.log_every = 0", "train.log_every must be an integer >= 1, got 0."),
     ("train.input_shards = 3",
      "train.input_shards = 3 must divide train.batch_size (BATCH_SIZE) = 16"),
-    ("optimizers.warmup_cosine_schedule.peak_learning_rate = 1e999",
-     "optimizers.warmup_cosine_schedule.peak_learning_rate must be a finite number > 0, got inf."),
     ("TRAIN_STEPS = 20",  # tiny_cpu.gin's 40-step warm-up is longer than the run
      "optimizers.warmup_cosine_schedule.warmup_steps = 40 must be below "
      "optimizers.warmup_cosine_schedule.decay_steps = 20 (the run's length in "
@@ -107,6 +105,10 @@ COMMAND_CASES = [
                "--gin.optimizers.warmup_cosine_schedule.peak_learning_rate=nan"],
      "--gin.optimizers.warmup_cosine_schedule.peak_learning_rate=nan: settings must be finite "
      "numbers (nan and inf are refused)."),
+    ("train", [MODEL, TINY_RUN,
+               "--gin.optimizers.warmup_cosine_schedule.peak_learning_rate=1e999"],
+     "optimizers.warmup_cosine_schedule.peak_learning_rate = inf: settings must be finite "
+     "numbers (nan and inf are refused)."),
     ("train", [MODEL, TINY_RUN, "--gin.SEQUENCE_LENGTH=-inf"],
      "--gin.SEQUENCE_LENGTH=-inf: settings must be finite numbers"),
     ("train", ["--gin_file=gin_configs/runs/pretrain.gin", TINY_RUN],
@@ -175,6 +177,8 @@ def test_bad_command_lines_fail_before_anything_compiles(command, flags, message
      "VOCAB_SIZE = 8384 rows"),
     (["--task=local_cod_lm_8k"], "--task: 'local_cod_lm_8k' is not a registered task"),
     (["--task=local_code_lm_8k", "--max_tokens=0"], "--max_tokens must be an integer >= 1"),
+    (["--task=local_code_lm_8k", "--capacity_factors=1,x"],
+     "--capacity_factors=1,x: give a comma list of finite numbers > 0"),
 ])
 def test_analyze_refuses_empty_or_unknown_inputs(argv, message, tmp_path):
   from moe_jax import analyze  # pylint: disable=g-import-not-at-top
@@ -188,8 +192,8 @@ def test_analyze_refuses_empty_or_unknown_inputs(argv, message, tmp_path):
 
 def test_params_counts_tiny_presets_readably_and_checks_seq_len(capsys):
   from moe_jax import params  # pylint: disable=g-import-not-at-top
-  assert [params.human_count(n) for n in (512, 53_248, 1_234_567, 7.4e9, 1.571e12)] == [
-      "512", "53.2K", "1.23M", "7.4B", "1.57T"]
+  assert [params.human_count(n) for n in (512, 53_248, 999_950, 1_234_567, 7.4e9, 1.571e12)
+          ] == ["512", "53.2K", "1,000K", "1.23M", "7.4B", "1.57T"]
   params.main([MODEL])
   out = capsys.readouterr().out
   assert "0.00B" not in out and "total=" in out, out
