@@ -340,6 +340,8 @@ def committed_steps(directory: str) -> List[int]:
 def saved_shapes(directory: str, step: int) -> dict:
   """{"params/layers/block_0/...": shape} of every array saved in checkpoint `step`'s state,
   from orbax's metadata (no array is read)."""
+  if "://" not in directory:
+    directory = os.path.abspath(directory)  # orbax reads relative paths as nothing
   path = os.path.join(directory, str(int(step)), _STATE)
   with _absl_level(logging.ERROR):  # "Metadata file does not exist": an optional file
     metadata = ocp.PyTreeCheckpointer().metadata(path)

@@ -283,6 +283,8 @@ def check_against_checkpoint(target, checkpoint_dir: str, step: Optional[int] = 
     saved = checkpoints_lib.saved_shapes(checkpoint_dir, step)
   except Exception:  # pylint: disable=broad-except  (unreadable metadata: restore decides)
     return
+  if not any(name.startswith("params/") for name in saved):
+    return  # no parameter metadata read: nothing to compare (the restore reports what is wrong)
   expected = {checkpoints_lib.path_string(p): tuple(leaf.shape)
               for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
   difference = checkpoints_lib.first_shape_difference(saved, expected)

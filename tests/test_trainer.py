@@ -295,3 +295,11 @@ def test_evaluate_with_another_model_names_the_parameter_and_the_run_config(unin
   assert (f"the checkpoint {checkpoint_dir} (step {2 * N}) does not fit this model: "
           "params/final_norm/scale is [32] in the checkpoint but [64] in the model.") in message
   assert os.path.join(uninterrupted, "config.gin") in message
+  # The same from a relative CHECKPOINT_DIR (what `make train` passes to infer and analyze).
+  relative = os.path.relpath(checkpoint_dir)
+  trainer.parse_flags([f"--gin_file={FILES[0]}", "--gin_file=gin_configs/runs/eval.gin",
+                       f"--gin.CHECKPOINT_DIR='{relative}'"])
+  with pytest.raises(ValueError) as error:
+    evaluate_lib.evaluate()  # pylint: disable=missing-kwoa
+  assert ("params/final_norm/scale is [32] in the checkpoint but [64] in the model."
+          in str(error.value)), str(error.value)
