@@ -216,7 +216,10 @@ class Checkpointer:
         failures.append((step, reason))
     if restored is None:
       raise RuntimeError(f"no committed checkpoint in {self._directory} restores: "
-                         + "; ".join(f"step {s}: {r}" for s, r in failures))
+                         + "; ".join(f"step {s}: {r}" for s, r in failures)
+                         + ". If every step fails the same way, the files are likely intact and "
+                         "this start's settings differ from the run's (e.g. the optimizer or "
+                         "gradient clipping): compare with the run's config.gin.")
     _same_on_every_process(int(restored[1].get("batches_consumed", -1)) if isinstance(
         restored[1], dict) else -1, "restored step")
     for bad_step, _ in failures:  # kept for forensics, out of the way of the next saves
