@@ -65,27 +65,36 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   checks.finite_values(_parsed_floats())
 
 
-def _parsed_floats() -> dict:
-  """{binding: float} of every float bound in gin's current config (lists and dicts too)."""
-  found = {}
+_MACRO = "gin.macro"
 
-  def visit(value, where: str) -> None:
-    if isinstance(value, float):
-      found.setdefault(where, value)
-    elif isinstance(value, (list, tuple, set)):
+
+def _bound_values():
+  """(binding, value) for every value in gin's current config, lists and dicts opened up; the
+  binding is the macro's name or "selector.parameter"."""
+  def leaves(value):
+    if isinstance(value, (list, tuple, set)):
       for item in value:
-        visit(item, where)
+        yield from leaves(item)
     elif isinstance(value, dict):
       for item in value.values():
-        visit(item, where)
+        yield from leaves(item)
+    else:
+      yield value
 
   for (scope, selector), parameters in gin.config._CONFIG.items():  # pylint: disable=protected-access
     for parameter, value in parameters.items():
-      visit(value, scope if selector == _MACRO else f"{selector}.{parameter}")
+      where = scope if selector == _MACRO else f"{selector}.{parameter}"
+      for leaf in leaves(value):
+        yield where, leaf
+
+
+def _parsed_floats() -> dict:
+  """{binding: float} of every float bound in gin's current config."""
+  found = {}
+  for where, value in _bound_values():
+    if isinstance(value, float):
+      found.setdefault(where, value)
   return found
-
-
-_MACRO = "gin.macro"
 
 
 def macros() -> Tuple[list, dict, list]:
@@ -94,23 +103,11 @@ def macros() -> Tuple[list, dict, list]:
   config = gin.config._CONFIG  # pylint: disable=protected-access
   defined = [scope for scope, selector in config if selector == _MACRO]
   used = {}
-
-  def visit(value, where: str) -> None:
+  for where, value in _bound_values():
     if isinstance(value, gin.config.ConfigurableReference):
       scope, _, selector = value.scoped_selector.rpartition("/")
-      if selector == _MACRO and scope not in used:
-        used[scope] = where
-    elif isinstance(value, (list, tuple, set)):
-      for item in value:
-        visit(item, where)
-    elif isinstance(value, dict):
-      for item in value.values():
-        visit(item, where)
-
-  for (scope, selector), parameters in config.items():
-    for parameter, value in parameters.items():
-      name = scope if selector == _MACRO else f"{selector}.{parameter}"
-      visit(value, name)
+      if selector == _MACRO:
+        used.setdefault(scope, where)
   required = [scope for scope, selector in config if selector == _MACRO and scope in used
               and _is_required(config[(scope, selector)].get("value"))]
   return defined, used, required

@@ -83,12 +83,12 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if on_restore_error not in ("fallback", "stop"):
     raise checks.SettingError(f"train.on_restore_error = {on_restore_error!r}; choose "
                               "'fallback' or 'stop'.")
+  input_shards = input_shards or jax.process_count()
   checks.train_settings(train_steps=train_steps, sequence_length=sequence_length,
                         batch_size=batch_size, microbatches=microbatches,
                         eval_every=eval_every, eval_batches=eval_batches,
                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                        log_every=log_every,
-                        input_shards=input_shards or jax.process_count())
+                        log_every=log_every, input_shards=input_shards)
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side: TF)
   from tasks import registry  # pylint: disable=g-import-not-at-top
   module = model.module
@@ -101,7 +101,6 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   device_mesh = part.make_mesh(**part.parse_mesh(mesh))
   rules = config_lib.configured_rules()
   part.validate(module, device_mesh, rules, batch_size)
-  input_shards = input_shards or jax.process_count()
   tx = optimizer if optimizer is not None else optimizers.create_optimizer()
   schedule = getattr(tx, "learning_rate_fn", None)
   tx = getattr(tx, "tx", tx)
