@@ -114,6 +114,14 @@ def _capacity_factors(spec: str) -> List[float]:
 
 
 def _compare_steps(spec: str, available: List[int], step: int) -> List[int]:
+  """The checkpoints compared with `step`; the spec is checked even when there are none."""
+  wanted = None
+  if spec not in ("none", "first", "all"):
+    try:
+      wanted = [int(s) for s in spec.split(",")]
+    except ValueError:
+      raise checks.SettingError(f"--compare_steps={spec}: choose first, all, none or a comma "
+                                f"list of steps; available: {available}.") from None
   others = [s for s in available if s != step]
   if spec == "none" or not others:
     return []
@@ -121,11 +129,6 @@ def _compare_steps(spec: str, available: List[int], step: int) -> List[int]:
     return [others[0]]
   if spec == "all":
     return others
-  try:
-    wanted = [int(s) for s in spec.split(",")]
-  except ValueError:
-    raise checks.SettingError(f"--compare_steps={spec}: choose first, all, none or a comma list "
-                              f"of steps; available: {available}.") from None
   missing = sorted(set(wanted) - set(available))
   if missing:
     raise checks.SettingError(f"--compare_steps: no checkpoint at {missing}; available: "

@@ -68,10 +68,7 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
   if task_names:
     vocabularies = registry.check_tasks(task_names, "infer.task (INFER_TASK)", vocab_size,
                                         mixtures=False)
-    vocab = vocabularies[task_names[0]]
-    if len({v.vocab_size for v in vocabularies.values()}) > 1:
-      raise checks.SettingError(f"infer.task (INFER_TASK) = {task_names}: the tasks use "
-                                "different vocabularies; give tasks of one vocabulary.")
+    vocab = vocabularies[task_names[0]]  # (each one's size is VOCAB_SIZE: checked above)
   else:
     vocab = vocab_lib.get_vocabulary(registry.vocabulary_of_size(vocab_size))
   if vocabulary is not None:

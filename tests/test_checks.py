@@ -177,6 +177,8 @@ def test_bad_command_lines_fail_before_anything_compiles(command, flags, message
      "VOCAB_SIZE = 8384 rows"),
     (["--task=local_cod_lm_8k"], "--task: 'local_cod_lm_8k' is not a registered task"),
     (["--task=local_code_lm_8k", "--max_tokens=0"], "--max_tokens must be an integer >= 1"),
+    (["--task=local_code_lm_8k", "--compare_steps=latest"],
+     "--compare_steps=latest: choose first, all, none or a comma list of steps"),
     (["--task=local_code_lm_8k", "--capacity_factors=1,x"],
      "--capacity_factors=1,x: give a comma list of finite numbers > 0"),
 ])
