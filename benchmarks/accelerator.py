@@ -72,7 +72,7 @@ def layer_ratios(size: dict, repeats: int, experts=(8, 64),
     for dispatch in dispatches:
       if dispatch == "einsum" and num_experts * tokens > 2**22:
         continue  # the [G, S, E, C] one-hot reference is O(T²): minutes at this size
-      layer = MoeLayer(TokenChoiceRouter(num_experts, 2), size["hidden"], activation="swiglu",
+      layer = MoeLayer(TokenChoiceRouter(2), num_experts, size["hidden"], activation="swiglu",
                        dispatch=dispatch, train_capacity_factor=1.25, group_size=tokens,
                        dtype=jnp.bfloat16)
       params = layer.init(jax.random.PRNGKey(1), x, None, True)["params"]

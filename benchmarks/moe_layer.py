@@ -98,9 +98,8 @@ def dense_equivalent(x, k, hidden, activation):
 def run_config(num_experts, k, router_kind, dispatch, args, x):
   tokens, h = x.shape[1], x.shape[2]
   act, gated = ACTIVATIONS[args.activation]
-  router = (ExpertChoiceRouter(num_experts, k) if router_kind == "expert"
-            else TokenChoiceRouter(num_experts, k))
-  layer = MoeLayer(router, args.hidden, activation=args.activation, dispatch=dispatch,
+  router = ExpertChoiceRouter(k) if router_kind == "expert" else TokenChoiceRouter(k)
+  layer = MoeLayer(router, num_experts, args.hidden, activation=args.activation, dispatch=dispatch,
                    train_capacity_factor=args.capacity_factor, group_size=tokens)
   params = layer.init({"params": jax.random.PRNGKey(0)}, x, None, True)["params"]
 

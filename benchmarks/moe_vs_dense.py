@@ -166,10 +166,10 @@ def run_settings(name: str, bindings: Sequence[str]) -> dict:
   info = {"steps": steps, "eval_tasks": list(gin.query_parameter("%EVAL_TASKS")),
           "total": report.total, "active": report.active, "flops": report.flops_per_token,
           "moe_layers": list(module.moe_ids), "aux_weight": lm.aux_loss_weight}
-  if module.moe_layer is not None:
-    layer = module.moe_layer()
+  layer = module.sparse_sublayers().get("moe")
+  if layer is not None:
     info.update(router=type(layer.router).__name__.replace("Router", ""),
-                experts=layer.num_experts, k=layer.router.num_selected_experts,
+                experts=layer.num_experts, k=layer.experts_per_token(report.seq_len),
                 expert_dim=layer.expert_hidden_dim, dispatch=layer.dispatch,
                 cf=(layer.train_capacity_factor, layer.eval_capacity_factor),
                 dense_dim=((module.moe_dense_dim or module.mlp_dim)

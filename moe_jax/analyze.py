@@ -59,6 +59,8 @@ def _parse(argv) -> Tuple[argparse.Namespace, List[str], List[str]]:
   parser.add_argument("--min_count", type=int, default=10,
                       help="occurrences a token id needs to enter the per-token analyses")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--sublayer", default="moe",
+                      help="sparse sub-layers to record: moe (the FFN) or attention (SwitchHead)")
   args = parser.parse_args(rest)
   if not args.task and not args.texts_file:
     parser.error("give at least one --task=LABEL=TASK or a --texts_file.")
@@ -234,8 +236,12 @@ def analyze(argv=None) -> str:
   args, files, bindings = _parse(sys.argv[1:] if argv is None else argv)
   start = time.time()
   model, ckpt_dir, model_dir = _model_and_checkpoints(args, files, bindings)
-  if model.module.moe_layer is None:
+  sparse = model.module.sparse_sublayers()
+  if not sparse:
     raise SystemExit("the model has no MoE layers: nothing to analyse.")
+  if args.sublayer not in sparse:
+    raise checks.SettingError(f"--sublayer {args.sublayer!r} is not a sparse sub-layer of this "
+                              f"model; choose one of {tuple(sparse)}.")
   for name in ("max_tokens", "sequence_length", "batch_size", "min_count"):
     checks.integer(f"--{name}", getattr(args, name), 1)
   if args.texts_file:
@@ -254,7 +260,7 @@ def analyze(argv=None) -> str:
   out = args.out or os.path.join(model_dir, "routing_report")
   sources, decode = _sources(args, tasks, model.module.vocab_size)
   variables, step = load_variables(model, ckpt_dir, args.step, args.sequence_length)
-  records = record_all(model, variables, sources, args.max_tokens, step)
+  records = record_all(model, variables, sources, args.max_tokens, step, sublayer=args.sublayer)
   os.makedirs(out, exist_ok=True)
   records.save(os.path.join(out, f"records_step{step}.npz"))
   print(f"step {step}: {records.num_tokens} tokens per layer recorded "
@@ -263,10 +269,12 @@ def analyze(argv=None) -> str:
   by_step = {}
   for other in compare:
     other_vars, _ = load_variables(model, ckpt_dir, other, args.sequence_length)
-    by_step[other] = record_all(model, other_vars, sources, args.max_tokens, other)
-  sweep = [record_all(model, variables, sources, args.max_tokens, step, capacity_factor=cf)
-           for cf in capacity_factors]
+    by_step[other] = record_all(model, other_vars, sources, args.max_tokens, other,
+                                sublayer=args.sublayer)
   dropless = records.capacity_factor is None
+  sweep = [] if dropless else [
+      record_all(model, variables, sources, args.max_tokens, step, capacity_factor=cf,
+                 sublayer=args.sublayer) for cf in capacity_factors]
   results = analyses.run_all(records, compare_with=by_step.get(min(by_step)) if by_step else None,
                              capacity_sweep=None if dropless else sweep, decode=decode,
                              min_count=args.min_count)
@@ -278,6 +286,7 @@ def analyze(argv=None) -> str:
               "compared with steps": ", ".join(map(str, sorted(by_step))) or "-",
               "data": ", ".join(f"{label} ({len(b)} batches)" for label, b in sources.items()),
               "tokens recorded": records.num_tokens, "MoE layers": records.layer_ids,
+              "sub-layer": args.sublayer,
               "experts": records.num_experts, "router": records.router,
               "eval capacity factor": records.capacity_factor,
               "capacity factors swept": args.capacity_factors}

@@ -21,7 +21,7 @@ cache_index + L within the cache size (`decoding.generate` sizes it exactly); pa
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -87,33 +87,59 @@ class Attention(nn.Module):
                        f"num_heads={self.num_heads}.")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x: Array, *, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
-               prefix_mask: Optional[Array] = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
-    """x [B, L, H]; positions [B, L] (RoPE; default 0..L-1); segment_ids, prefix_mask [B, L]."""
-    batch, length, h = x.shape
-    n, k = self.num_heads, self.num_kv_heads or self.num_heads
-    d = self.head_dim or h // n
-    x = x.astype(self.dtype)
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
+  def head_size(self, d_model: int) -> int:
+    return self.head_dim or d_model // self.num_heads
+
+  @nn.compact
+  def __call__(self, x: Array, *, positions: Optional[Array] = None,
+               segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+               padding_mask: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """x [B, L, H]; positions [B, L] (RoPE; default 0..L-1); segment_ids, prefix_mask [B, L].
+
+    padding_mask is for sparse subclasses (their routing statistics); plain attention masks
+    by segments and ignores it.
+    """
+    del padding_mask
+    x = x.astype(self.dtype)
+    out = self.attend(x, lambda: self.project(x, "value", self.kv_heads,
+                                              ("embed", "kv_heads", "kv")),
+                      positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
+                      deterministic=deterministic, decode=decode)  # [B, L, N, D]
+    w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
+                       (self.num_heads, out.shape[-1], x.shape[-1]), jnp.float32)
+    return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+
+  def project(self, x: Array, name: str, heads: int, axes) -> Array:
+    """x [B, L, H] -> [B, L, heads, D] through the param `name` [H, heads, D] (+ bias)."""
+    h = x.shape[-1]
     # Fan-in is H alone: the default axes would count the heads as a receptive field.
     qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 in_axis=0, out_axis=(1, 2))
+    kernel = self.param(name, nn.with_logical_partitioning(qkv_init, axes),
+                        (h, heads, self.head_size(h)), jnp.float32)
+    y = jnp.einsum("blh,hnd->blnd", x, kernel.astype(self.dtype))
+    if self.qkv_bias:
+      bias = self.param(name + "_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, axes[1:]), (heads, self.head_size(h)), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
-    def project(name, heads, axes):
-      kernel = self.param(name, nn.with_logical_partitioning(qkv_init, axes),
-                          (h, heads, d), jnp.float32)
-      y = jnp.einsum("blh,hnd->blnd", x, kernel.astype(self.dtype))
-      if self.qkv_bias:
-        bias = self.param(name + "_bias", nn.with_logical_partitioning(
-            nn.initializers.zeros, axes[1:]), (heads, d), jnp.float32)
-        y = y + bias.astype(self.dtype)
-      return y
-
-    q = project("query", n, ("embed", "heads", "kv"))
-    key = project("key", k, ("embed", "kv_heads", "kv"))
-    value = project("value", k, ("embed", "kv_heads", "kv"))
+  def attend(self, x: Array, values: Callable[[], Array], *, positions, segment_ids,
+             prefix_mask, deterministic: bool, decode: bool) -> Array:
+    """The heads' outputs a [B, L, N, D] = softmax(q kᵀ / √D + mask) v, before the output
+    projection. `values()` gives v [B, L, K, D]; it is called after the query and key
+    projections (parameter creation order fixes the initial values)."""
+    batch, length, h = x.shape
+    n, k = self.num_heads, self.kv_heads
+    d = self.head_size(h)
+    q = self.project(x, "query", n, ("embed", "heads", "kv"))
+    key = self.project(x, "key", k, ("embed", "kv_heads", "kv"))
+    value = values()
 
     query_index = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if positions is None:
@@ -139,10 +165,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
-    w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
-                       (n, d, h), jnp.float32)
-    return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+    return jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
 
   def _update_cache(self, key: Array, value: Array, prefix_mask: Optional[Array]):
     """Writes the new keys (rotated) and values at cache_index; returns the full cache."""

@@ -11,8 +11,9 @@ decode step routes one token per group, which never overflows a capacity of >= 1
 cached decoding and a full forward pass agree whenever the forward pass drops nothing
 (dropless, or enough eval capacity). A fixed `group_size` must divide batch × 1 at each step
 (or set `pad_groups`, which puts the whole batch's step tokens in one group). Prompts in a
-batch share one length (one cache index for all rows): left-align equal-length prompts. Expert-choice layers are not causal (an expert
-picks among all tokens of the group) and cannot decode one token at a time.
+batch share one length (one cache index for all rows): left-align equal-length prompts.
+Routers that are not causal (their `causal` property: expert choice, where an expert picks
+among all tokens of the group; batch-prioritized routing) cannot decode one token at a time.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, restricted to the top_k
 tokens (0: all) and to the smallest set whose probability reaches top_p (1.0: all).
@@ -24,8 +25,6 @@ from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-
-from moe_jax.routing import ExpertChoiceRouter
 
 Array = jax.Array
 
@@ -63,12 +62,6 @@ def init_cache(module, batch_size: int, max_length: int) -> Mapping[str, Any]:
   shapes = jax.eval_shape(
       lambda t: module.init(jax.random.PRNGKey(0), t, decode=True), tokens)["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def _check_decodable(module):
-  if module.moe_layer is not None and isinstance(module.moe_layer().router, ExpertChoiceRouter):
-    raise ValueError("expert-choice routing is not causal and cannot decode token by token; "
-                     "use a token-choice router for generation.")
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k",
@@ -111,7 +104,7 @@ def generate(module, variables: Mapping[str, Any], prompt: Array, *, max_new_tok
   prefix_mask: [B, P], 1 where the prompt is attended bidirectionally (prefix LM, UL2).
   Returns (new tokens [B, N], logits [B, N, V] float32 that each new token was drawn from).
   """
-  _check_decodable(module)
+  module.check_decodable()
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   _check_sampling(temperature, top_k, top_p)

@@ -18,22 +18,22 @@ from moe_jax.moe_layer import MoeLayer
 from moe_jax.routing import EXPERT_BIAS_COLLECTION, ExpertChoiceRouter, TokenChoiceRouter
 
 
-def presets(num_experts: int):
-  """name -> (router, dispatch, activation): each system's routing in miniature."""
-  e = num_experts
+def presets():
+  """name -> (router, dispatch, activation): each system's routing in miniature (the layer
+  tells each router the number of experts)."""
   return {
-      "switch (top-1, jitter)": (TokenChoiceRouter(e, 1, jitter_noise=0.01), "gather", "relu"),
+      "switch (top-1, jitter)": (TokenChoiceRouter(1, jitter_noise=0.01), "gather", "relu"),
       "gshard (top-2, random 2nd)": (
-          TokenChoiceRouter(e, 2, second_expert_policy="random"), "gather", "relu"),
+          TokenChoiceRouter(2, second_expert_policy="random"), "gather", "relu"),
       "shazeer (noisy top-2)": (
-          TokenChoiceRouter(e, 2, noisy_gating=True, normalize_combine_weights=True), "gather",
+          TokenChoiceRouter(2, noisy_gating=True, normalize_combine_weights=True), "gather",
           "relu"),
-      "st-moe (top-2, einsum)": (TokenChoiceRouter(e, 2), "einsum", "geglu"),
+      "st-moe (top-2, einsum)": (TokenChoiceRouter(2), "einsum", "geglu"),
       "mixtral (top-2, dropless)": (
-          TokenChoiceRouter(e, 2, normalize_combine_weights=True), "dropless", "swiglu"),
-      "expert choice": (ExpertChoiceRouter(e, 2), "gather", "relu"),
+          TokenChoiceRouter(2, normalize_combine_weights=True), "dropless", "swiglu"),
+      "expert choice": (ExpertChoiceRouter(2), "gather", "relu"),
       "deepseek (bias balancing)": (
-          TokenChoiceRouter(e, 2, score_function="sigmoid", normalize_combine_weights=True,
+          TokenChoiceRouter(2, score_function="sigmoid", normalize_combine_weights=True,
                             expert_bias_update_rate=1e-3), "dropless", "swiglu"),
   }
 
@@ -53,8 +53,8 @@ def route_all(num_experts: int, tokens: int, width: int = 32, hidden: int = 64):
           enumerate(["params", "jitter", "gating_noise", "routing", "dropout"])}
   print(f"{'router':28s} {'aux':>6s} {'z':>7s} {'drop%':>6s} {'unrouted%':>9s} "
         f"{'entropy':>7s} {'conf':>5s}  load min/max (per expert, before -> after capacity)")
-  for name, (router, dispatch, activation) in presets(num_experts).items():
-    layer = MoeLayer(router, hidden, activation=activation, dispatch=dispatch)
+  for name, (router, dispatch, activation) in presets().items():
+    layer = MoeLayer(router, num_experts, hidden, activation=activation, dispatch=dispatch)
     variables = layer.init(rngs, x, mask, True)
     (y, aux), _ = layer.apply(variables, x, mask, False, rngs=rngs,
                               mutable=[EXPERT_BIAS_COLLECTION])
@@ -71,7 +71,7 @@ def train_toy(num_experts: int, tokens: int, steps: int, width: int = 32, hidden
   x, mask = _batch(tokens, width, seed=1)
   teacher = jax.random.normal(jax.random.PRNGKey(42), (width, width)) / np.sqrt(width)
   target = jnp.tanh(x @ teacher)
-  layer = MoeLayer(TokenChoiceRouter(num_experts, 2), hidden, activation="swiglu")
+  layer = MoeLayer(TokenChoiceRouter(2), num_experts, hidden, activation="swiglu")
   params = layer.init(jax.random.PRNGKey(0), x, mask, True)["params"]
   opt = optax.adam(3e-3)
   opt_state = opt.init(params)

@@ -176,14 +176,14 @@ def _moe_report(module, mesh, rules, tokens: int, target_backend: str):
   figures (or None for a model without dropless expert parallelism)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from moe_jax import expert_parallel, partitioning as part  # pylint: disable=g-import-not-at-top
-  if getattr(module, "moe_layer", None) is None:
+  layer = module.sparse_sublayers().get("moe") if hasattr(module, "sparse_sublayers") else None
+  if layer is None:
     return None
-  layer = module.moe_layer()
   if layer.dispatch != "dropless" or layer.layout != "grouped":
     return None
   ep = part.logical_axis_size(mesh, rules, "expert")
   local_tokens = tokens // part.logical_axis_size(mesh, rules, "group")
-  k = layer.router.num_selected_experts
+  k = round(layer.experts_per_token(local_tokens))  # dropless routers choose a whole k
   itemsize = jnp.dtype(module.dtype).itemsize
   moved = expert_parallel.exchange_bytes(local_tokens, k, module.d_model, ep, itemsize)
   transport = expert_parallel.resolve_transport(layer.transport, target_backend)

@@ -3,12 +3,18 @@
     tokens [B, L] -> Embed -> N × DecoderBlock -> RMSNorm -> logits [B, L, V]
 
     DecoderBlock (pre-norm residual sublayers):
-      x += Attention(norm(x))
+      x += Attention(norm(x))    or any attention factory (`attention_layer`), e.g. SwitchHead
       x += FFN(norm(x))          FFN = dense MlpBlock, or on MoE layers:
                                  MoE(h)                        plain
                                  MoE(h) + MlpBlock(h)          moe_dense_ffn="parallel" (OpenMoE)
                                  MoE(h) + σ(h w)·Shared(h)     shared experts (DeepSeek, Qwen2)
       x += MlpBlock(norm(x))     moe_dense_ffn="sequential" (ST-MoE's extra dense FFN)
+
+Sub-layers are injected factories (the Decoder fills in the shared sizes), so experts can sit in
+the attention too: a sub-layer that returns (y, MoeAux) is sparse, and its losses and metrics
+are collected per kind of sub-layer ("moe": the FFN, "attention"). A sparse sub-layer declares
+`num_experts`, `experts_per_token(seq_len)`, `causal` and `mixes_tokens` (moe_layer.MoeLayer
+and switchhead.SwitchHeadAttention do); `sparse_sublayers()` lists them for the tools.
 
 MoE placement: layer i is sparse iff i % moe_every == moe_offset, or i in moe_layer_indices.
 With scan_layers the stack is one compiled unit of `moe_every` blocks ([dense…, moe]) under
@@ -17,7 +23,7 @@ the scan stacked, in layer order, exactly as from the unrolled stack.
 
 Loss (`DecoderOnlyLM.loss`, SPEC §3): token cross-entropy on targets (padding and inputs
 masked by `decoder_loss_weights`) + logits_z_loss · mean log²Z + aux_loss_weight · mean aux
-+ router_z_loss_weight · mean router z-loss, means over MoE layers.
++ router_z_loss_weight · mean router z-loss, means over all sparse sub-layers.
 """
 from __future__ import annotations
 
@@ -43,6 +49,31 @@ REMAT_POLICIES = {"none": None, "full": None,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # RNG streams split per layer under scan (a layer's noise must differ from its neighbour's).
 RNG_STREAMS = ("params", "dropout", "jitter", "gating_noise", "routing")
+# Stats of sparse attention sub-layers carry this prefix ("attention/aux_loss"); the FFN's none.
+ATTENTION_STATS = "attention/"
+
+
+def is_sparse(sublayer: nn.Module) -> bool:
+  """Does this (unbound) sub-layer hold experts? The sparse sub-layer protocol (module doc)."""
+  return hasattr(sublayer, "experts_per_token")
+
+
+def check_sublayer(kind: str, layer: nn.Module, decode: bool) -> None:
+  """A causal (decoder-only) model refuses routers that mix tokens across the sequence, and
+  decoding refuses routers that are not causal."""
+  if not is_sparse(layer):
+    return
+  router = type(layer.router).__name__
+  if layer.mixes_tokens:
+    raise ValueError(
+        f"the {kind} sub-layer's router ({router}) mixes tokens across the sequence, so in a "
+        "causal decoder every position would see its future: it is for non-causal stacks (an "
+        "encoder, a ViT); use a token-choice router here.")
+  if decode and not layer.causal:
+    raise ValueError(
+        f"the {kind} sub-layer's router ({router}) is not causal (a token's routing depends on "
+        "later tokens: expert choice, batch-prioritized routing) and cannot decode token by "
+        "token; use a causal router for generation.")
 
 
 def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = None,
@@ -78,21 +109,29 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions, segment_ids, prefix_mask, padding_mask
-               ) -> Tuple[Array, Optional[MoeAux]]:
+               ) -> Tuple[Array, Dict[str, MoeAux]]:
+    """-> (x, {sub-layer kind: MoeAux} for its sparse sub-layers)."""
     # Arrays (or None) only as call arguments, the flags as fields: nn.remat-friendly.
     deterministic, decode = self.deterministic, self.decode
     norm = functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    auxes = {}
     h = norm(name="pre_attention_norm")(x)
-    x = x + drop(self.attention(name="attention")(
+    attention = self.attention(name="attention")
+    check_sublayer("attention", attention, decode)
+    y = attention(
         h, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-        deterministic=deterministic, decode=decode))
+        padding_mask=padding_mask, deterministic=deterministic, decode=decode)
+    if isinstance(y, tuple):  # a sparse attention returns its MoeAux too
+      y, auxes["attention"] = y
+    x = x + drop(y)
     h = norm(name="pre_mlp_norm")(x)
-    aux = None
     if self.moe is None:
       y = self.mlp(name="mlp")(h, deterministic)
     else:
-      y, aux = self.moe(name="moe")(h, padding_mask, deterministic)
+      moe = self.moe(name="moe")
+      check_sublayer("moe", moe, decode)
+      y, auxes["moe"] = moe(h, padding_mask, deterministic)
       if self.moe_dense_ffn == "parallel":
         y = y + self.mlp(name="mlp")(h, deterministic)
       if self.shared_experts is not None:
@@ -106,7 +145,7 @@ class DecoderBlock(nn.Module):
     if self.moe is not None and self.moe_dense_ffn == "sequential":
       h = norm(name="pre_extra_mlp_norm")(x)
       x = x + drop(self.mlp(name="extra_mlp")(h, deterministic))
-    return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), auxes
 
 
 class DecoderUnit(nn.Module):
@@ -119,13 +158,14 @@ class DecoderUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, prefix_mask, padding_mask):
-    auxes = []
+    """-> (x, {sub-layer kind: tuple of MoeAux, in block order})."""
+    auxes = {}
     for j in range(self.period):
-      x, aux = self.block(j in self.moe_ids, self.deterministic, self.decode)(
+      x, block_auxes = self.block(j in self.moe_ids, self.deterministic, self.decode)(
           name=f"block_{j}")(x, positions, segment_ids, prefix_mask, padding_mask)
-      if aux is not None:
-        auxes.append(aux)
-    return x, tuple(auxes)
+      for kind, aux in block_auxes.items():
+        auxes.setdefault(kind, []).append(aux)
+    return x, {kind: tuple(a) for kind, a in auxes.items()}
 
 
 class Decoder(nn.Module):
@@ -137,6 +177,9 @@ class Decoder(nn.Module):
     dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta; qkv_bias.
     tie_embeddings: output logits x Eᵀ / √H (T5's scaling) instead of a separate lm_head.
     dtype: activations (float32 or bfloat16); params are float32, the router float32.
+    attention_layer: factory of the attention sub-layer, called with num_heads, num_kv_heads,
+      head_dim, rope_theta, dropout_rate and dtype (e.g. gin's @SwitchHeadAttention); None:
+      `Attention` with `qkv_bias`.
     moe_layer: factory of the MoE layer (e.g. gin's @MoeLayer) or None for a dense model.
     moe_every / moe_offset / moe_layer_indices: placement (module docstring).
     moe_dense_ffn: "none", "parallel" (residual MoE: + dense FFN of moe_dense_dim on the same
@@ -162,6 +205,7 @@ class Decoder(nn.Module):
   qkv_bias: bool = False
   tie_embeddings: bool = False
   dtype: Any = jnp.float32
+  attention_layer: Optional[Callable[..., nn.Module]] = None
   moe_layer: Optional[Callable[..., nn.Module]] = None
   moe_every: int = 1
   moe_offset: Optional[int] = None
@@ -209,11 +253,38 @@ class Decoder(nn.Module):
     return moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
                          self.moe_layer_indices)
 
+  def _attention(self) -> Callable[..., nn.Module]:
+    settings = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim, rope_theta=self.rope_theta,
+                    dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+    if self.attention_layer is None:
+      return functools.partial(Attention, qkv_bias=self.qkv_bias, **settings)
+    return functools.partial(self.attention_layer, **settings)
+
+  @nn.nowrap  # built outside any module context, so nothing adopts the sub-layers
+  def sparse_sublayers(self) -> Dict[str, nn.Module]:
+    """{sub-layer kind (its name in a block): an unbound instance} for the sparse sub-layers,
+    as the blocks build them: what the tools (parameter counter, decoding, recorder) read."""
+    sublayers = {"attention": self._attention()(parent=None)}
+    if self.moe_layer is not None:
+      sublayers["moe"] = self.moe_layer(dtype=self.dtype, parent=None)
+    return {kind: layer for kind, layer in sublayers.items() if is_sparse(layer)}
+
+  @nn.nowrap
+  def sparse_layer_ids(self) -> Dict[str, Tuple[int, ...]]:
+    """{sub-layer kind: the layers where it is sparse}."""
+    ids = {"moe": self.moe_ids, "attention": tuple(range(self.num_layers))}
+    return {kind: ids[kind] for kind in self.sparse_sublayers()}
+
+  @nn.nowrap
+  def check_decodable(self) -> None:
+    """Raises unless every sparse sub-layer routes causally (decoding token by token)."""
+    for kind, layer in self.sparse_sublayers().items():
+      check_sublayer(kind, layer, decode=True)
+
   def _block(self, sparse: bool, deterministic: bool, decode: bool
              ) -> Callable[..., nn.Module]:
-    attention = functools.partial(
-        Attention, self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta,
-        self.qkv_bias, self.attention_dropout_rate, self.dtype)
+    attention = self._attention()
     mlp_dim = self.mlp_dim
     if sparse and self.moe_dense_ffn != "none":
       mlp_dim = self.moe_dense_dim or self.mlp_dim
@@ -260,20 +331,20 @@ class Decoder(nn.Module):
           in_axes=(nn.broadcast,) * 4,
           length=self.num_layers // period,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, auxes = stack(self._block, period, unit_moe, deterministic, decode,
-                       name="layers")(x, *inputs)
-      # auxes: per MoE block of the unit, leaves [U, ...] -> layer order (unit-major).
-      auxes = [jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]), *auxes)
-               ] if auxes else []
-      stats = _stack_aux(auxes, stacked=True)
+      x, unit_auxes = stack(self._block, period, unit_moe, deterministic, decode,
+                            name="layers")(x, *inputs)
+      # Per kind, per sparse block of the unit, leaves [U, ...] -> layer order (unit-major).
+      auxes = {kind: jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]), *a)
+               for kind, a in unit_auxes.items()}
+      stats = _stats(auxes, stacked=True)
     else:
-      auxes = []
+      auxes = {}
       for i in range(self.num_layers):
-        x, aux = self._block(i in moe_ids, deterministic, decode)(name=f"layers_{i}")(
+        x, block_auxes = self._block(i in moe_ids, deterministic, decode)(name=f"layers_{i}")(
             x, positions, segment_ids, prefix_mask, padding_mask)
-        if aux is not None:
-          auxes.append(aux)
-      stats = _stack_aux(auxes, stacked=False)
+        for kind, aux in block_auxes.items():
+          auxes.setdefault(kind, []).append(aux)
+      stats = _stats(auxes, stacked=False)
     x = RMSNorm(self.norm_epsilon, self.dtype, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x) * self.d_model**-0.5
@@ -285,14 +356,17 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32), stats
 
 
-def _stack_aux(auxes, stacked: bool) -> Dict[str, Array]:
-  """MoeAux list (or one already-stacked MoeAux) -> {name: [num_moe_layers, ...]}."""
-  if not auxes:
-    return {}
-  flat = [{"aux_loss": a.aux_loss, "z_loss": a.z_loss, **a.metrics} for a in auxes]
-  if stacked:
-    return flat[0]
-  return jax.tree.map(lambda *v: jnp.stack(v), *flat)
+def _stats(auxes: Dict[str, Any], stacked: bool) -> Dict[str, Array]:
+  """{kind: MoeAux list (or one already-stacked MoeAux)} -> {name: [num_sparse_layers, ...]},
+  the FFN's ("moe") names plain, the attention's prefixed with ATTENTION_STATS."""
+  stats = {}
+  for kind, kind_auxes in auxes.items():
+    flat = [{"aux_loss": a.aux_loss, "z_loss": a.z_loss, **a.metrics}
+            for a in ([kind_auxes] if stacked else kind_auxes)]
+    prefix = "" if kind == "moe" else kind + "/"
+    stats.update({prefix + name: value for name, value in
+                  (flat[0] if stacked else jax.tree.map(lambda *v: jnp.stack(v), *flat)).items()})
+  return stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,10 +426,13 @@ class DecoderOnlyLM:
                "accuracy": jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"])
                                    * weights) / denom}
     if stats:
-      aux, rz = jnp.mean(stats["aux_loss"]), jnp.mean(stats["z_loss"])
+      # Means over every sparse sub-layer, FFN and attention alike.
+      aux, rz = (jnp.mean(jnp.concatenate([v for name, v in stats.items()
+                                           if name.rsplit("/", 1)[-1] == loss]))
+                 for loss in ("aux_loss", "z_loss"))
       total = total + self.aux_loss_weight * aux + self.router_z_loss_weight * rz
       metrics.update({"loss/aux_loss": aux, "loss/router_z_loss": rz})
-      metrics.update(moe_metrics(stats, self.module.moe_ids))
+      metrics.update(moe_metrics(stats, self.module.sparse_layer_ids()))
     metrics["loss/total"] = total
     return ((total, metrics), updates) if returns_state else (total, metrics)
 
@@ -369,13 +446,17 @@ def _padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:
   return None
 
 
-def moe_metrics(stats: Dict[str, Array], layer_ids: Sequence[int]) -> Dict[str, Array]:
+def moe_metrics(stats: Dict[str, Array], layer_ids: Mapping[str, Sequence[int]]
+                ) -> Dict[str, Array]:
   """Per-layer scalars ("moe/layer_3/dropped_fraction") and their means ("moe/dropped_fraction");
-  per-expert vectors stay vectors ("moe/layer_3/expert_load_after": [E])."""
+  per-expert vectors stay vectors ("moe/layer_3/expert_load_after": [E]). A sparse attention's
+  are "moe_attention/layer_3/…" and "moe_attention/…". layer_ids: {kind: its sparse layers}."""
   out = {}
   for name, value in stats.items():
-    for j, layer in enumerate(layer_ids):
-      out[f"moe/layer_{layer}/{name}"] = value[j]
+    kind, short = (name.split("/", 1) if name.startswith(ATTENTION_STATS) else ("moe", name))
+    group = "moe" if kind == "moe" else f"moe_{kind}"
+    for j, layer in enumerate(layer_ids[kind]):
+      out[f"{group}/layer_{layer}/{short}"] = value[j]
     if value.ndim == 1:
-      out[f"moe/{name}"] = jnp.mean(value.astype(jnp.float32))
+      out[f"{group}/{short}"] = jnp.mean(value.astype(jnp.float32))
   return out

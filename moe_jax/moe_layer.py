@@ -24,8 +24,8 @@ from flax import struct
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import expert_parallel
 from moe_jax.experts import Experts, check_activation, check_implementation
-from moe_jax.routing import (ExpertChoiceRouter, RouterOutput, TokenChoiceRouting,
-                             compute_capacity)
+from moe_jax.dispatch import DROPPED, KEPT, SKIPPED, UNUSED  # pylint: disable=unused-import
+from moe_jax.routing import Router, RouterOutput, compute_capacity
 
 Array = jax.Array
 
@@ -33,8 +33,6 @@ Array = jax.Array
 # mutable (`apply(..., mutable=[ROUTING_RECORDS])`, as moe_jax.analysis's recorder does);
 # otherwise nothing is computed or stored.
 ROUTING_RECORDS = "routing_records"
-# Status codes of a recorded assignment (moe_jax/analysis/records.py).
-KEPT, DROPPED, SKIPPED, UNUSED = 0, 1, 2, -1
 
 
 @struct.dataclass
@@ -102,18 +100,8 @@ def routing_record(out: RouterOutput, padding_mask: Array, top_probs: int = 8,
   """
   num_experts = out.probs.shape[-1]
   real = padding_mask > 0
-  if isinstance(out.routing, TokenChoiceRouting):
-    expert = out.routing.expert_index
-    gate = out.routing.combine_weights
-    admitted = jnp.take_along_axis(out.admitted, expert, axis=-1) > 0
-    status = jnp.where(out.routing.kept, KEPT, jnp.where(admitted, DROPPED, SKIPPED))
-  else:  # expert choice: out.kept [G, S, E] marks the experts that took each token
-    gates = jnp.where(out.kept > 0, out.probs, -1.0)
-    gate, expert = jax.lax.top_k(gates, min(num_experts, expert_choice_slots))
-    chosen = gate >= 0
-    expert = jnp.where(chosen, expert, -1)
-    gate = jnp.maximum(gate, 0.0)
-    status = jnp.where(chosen, KEPT, UNUSED)
+  expert, gate, status = out.routing.record(out.admitted, out.kept, out.probs,
+                                            expert_choice_slots)
   status = jnp.where(real[..., None], status, UNUSED)
   top_prob, top_expert = jax.lax.top_k(out.probs, min(num_experts, top_probs))
   p = out.probs
@@ -128,7 +116,9 @@ class MoeLayer(nn.Module):
   """Sparse mixture-of-experts feed-forward layer.
 
   Attributes:
-    router: a `TokenChoiceRouter` or `ExpertChoiceRouter` (it owns num_experts and k).
+    router: any `routing.Router` (token choice, expert choice, `soft_moe.SoftRouter`, …); the
+      layer tells it E and the capacity at each call.
+    num_experts: E.
     expert_hidden_dim: F, the hidden width of each expert.
     activation: one of relu, gelu, swiglu, geglu.
     dispatch: one of einsum, gather (default), dropless.
@@ -151,13 +141,15 @@ class MoeLayer(nn.Module):
       moves them to the experts' devices. Both compute the same function.
     num_expert_partitions: devices the experts are split over (the size of the mesh axes of
       the logical `expert` axis, as flaxformer's field of that name); num_experts must
-      divide evenly. Dropless expert parallelism checks it against the mesh.
+      divide evenly. Dropless expert parallelism splits its exchange by it (and checks it
+      against the mesh); partitioning.validate checks it for the grouped layout.
     transport: dropless expert parallelism's transport (expert_parallel.TRANSPORTS).
     receive_buffer_factor: dropless expert parallelism: None (each device's receive buffer
       holds the worst case: nothing is ever dropped) or f >= 1, a buffer of f times the even
       share of rows; what does not fit is counted in the `overflow_fraction` metric.
   """
-  router: nn.Module
+  router: Router
+  num_experts: int
   expert_hidden_dim: int
   activation: str = "relu"
   dispatch: str = "gather"
@@ -199,27 +191,45 @@ class MoeLayer(nn.Module):
     # (a factory, a gin binding) would silently share its weights, and one built inside a
     # parent's compact method would belong to that parent rather than to this layer.
     object.__setattr__(self, "router", self.router.clone(parent=None, name=None))
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+    self.router.check_num_experts(self.num_experts)
     if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
       raise ValueError(
           f"num_experts={self.num_experts} must be divisible by num_expert_partitions="
           f"{self.num_expert_partitions} (the expert-parallel mesh axis); choose a number of "
           f"experts that is a multiple of it, or a smaller expert axis.")
-    if self.dispatch == "dropless" and isinstance(self.router, ExpertChoiceRouter):
-      raise ValueError("dispatch='dropless' needs a token-choice router; expert choice has a "
-                       "fixed capacity by construction: use dispatch 'gather' or 'einsum'.")
+    if self.dispatch not in self.router.dispatches:
+      raise ValueError(
+          f"dispatch={self.dispatch!r} does not apply to {type(self.router).__name__} "
+          f"(kind {self.router.kind!r}); it supports dispatch in {self.router.dispatches}.")
     super().__post_init__()
 
   @property
-  def num_experts(self) -> int:
-    return self.router.num_experts
+  def causal(self) -> bool:
+    return self.router.causal
+
+  @property
+  def mixes_tokens(self) -> bool:
+    return self.router.mixes_tokens
+
+  @property
+  def recorded_experts(self) -> int:
+    """Experts as the routing records number them."""
+    return self.num_experts
+
+  def experts_per_token(self, seq_len: int) -> float:
+    """Expert applications per token on average, in sequences of `seq_len` tokens."""
+    return self.router.experts_per_token(self.num_experts, self.group_size or seq_len)
 
   def capacity(self, group_size: int, deterministic: bool) -> Optional[int]:
     """Slots per expert per group, or None when dropless."""
     if self.dispatch == "dropless":
       return None
     cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
-    return compute_capacity(group_size, self.num_experts, self.router.num_selected_experts,
-                            cf, self.min_capacity)
+    return self.router.expert_capacity(compute_capacity(
+        group_size, self.num_experts, self.router.experts_per_token(self.num_experts, group_size),
+        cf, self.min_capacity))
 
   def _groups(self, num_tokens: int, seq_len: int) -> Tuple[int, int]:
     """(group size S, number of padding tokens to append)."""
@@ -263,7 +273,7 @@ class MoeLayer(nn.Module):
     groups = nn.with_logical_constraint(groups, ("group", None, "act_embed"))
     grouped = self.layout == "grouped"
     capacity = self.capacity(s, deterministic)
-    routed = self.router(groups, mask, capacity, deterministic)
+    routed = self.router(groups, mask, self.num_experts, capacity, deterministic)
     # Initialisation only creates the parameters (the same ones either way): it needs no mesh.
     ep_dropless = grouped and self.dispatch == "dropless" and not self.is_initializing()
     implementation = self.expert_implementation
@@ -274,11 +284,10 @@ class MoeLayer(nn.Module):
                       name="experts")
     overflow = None
     if ep_dropless:
-      r = routed.routing
+      expert_index, gates = routed.routing.kept_choices()
       distribute = functools.partial(
           expert_parallel.expert_parallel_dropless, x=groups.astype(self.dtype),
-          expert_index=jnp.where(r.kept, r.expert_index, -1).astype(jnp.int32),
-          gates=jnp.where(r.kept, r.combine_weights, 0.0), num_experts=self.num_experts,
+          expert_index=expert_index, gates=gates, num_experts=self.num_experts,
           expert_partitions=self.num_expert_partitions, transport=self.transport,
           receive_buffer_factor=self.receive_buffer_factor)
       y, overflow = experts(None, deterministic, model_dim=h, distribute=distribute)

@@ -4,12 +4,15 @@
 
 total:   every parameter.
 active:  the parameters one token uses: all of them except the experts it is not routed to
-         (expert weights count k / E of theirs; the router, shared experts and dense parts
-         count fully). Embeddings are included, as in the published Mixtral / GLaM figures.
+         (expert weights — those with an "expert" logical axis in a sparse sub-layer — count
+         k / E of theirs, k = the sub-layer's `experts_per_token`; the router, shared experts
+         and dense parts count fully). Embeddings are included, as in the published Mixtral /
+         GLaM figures. Sparse attention (SwitchHead) counts the same way.
 flops_per_token (forward): 2 · (active matmul parameters, the output projection included,
          the input embedding lookup not) + 4 · layers · heads · head_dim · seq_len for the
          attention scores and values (PaLM's convention, no causal discount). Training ≈ 3×.
-Expert choice routes k · S tokens per group on average, so k / E holds for it too.
+Expert choice routes k · S tokens per group on average, so k / E holds for it too; Soft MoE
+         applies E · slots / S experts per token.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Dict
+from typing import Any, Dict, Optional
 
 import flax
 import flax.linen as nn
@@ -53,23 +56,38 @@ def human_count(n: float) -> str:
 
 def param_shapes(module: nn.Module, seq_len: int) -> Dict[str, jax.ShapeDtypeStruct]:
   """Flat {path: ShapeDtypeStruct} of the params, without allocating them."""
+  return {path: nn.meta.unbox(box) for path, box in _boxed_params(module, seq_len).items()}
+
+
+def _boxed_params(module: nn.Module, seq_len: int) -> Dict[str, Any]:
   tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   variables = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
-  return flax.traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
+  return flax.traverse_util.flatten_dict(variables["params"], sep="/",
+                                         is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
+
+
+def _expert_axis(box) -> Optional[int]:
+  """Index of the "expert" logical axis of a boxed param, or None."""
+  names = getattr(box, "names", ())
+  return names.index("expert") if "expert" in names else None
 
 
 def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
   """Counts for a `Decoder` (module docstring for the definitions)."""
-  shapes = param_shapes(module, seq_len)
-  size = {path: math.prod(s.shape) for path, s in shapes.items()}
+  boxes = _boxed_params(module, seq_len)
+  size = {path: math.prod(nn.meta.unbox(box).shape) for path, box in boxes.items()}
   total = sum(size.values())
-  k = module.moe_layer().router.num_selected_experts if module.moe_layer is not None else 0
+  sublayers = module.sparse_sublayers()
   expert = inactive = 0
   for path, n in size.items():
-    if "/moe/experts/" in path:
-      num_experts = shapes[path].shape[-3]
-      expert += n
-      inactive += n * (1 - k / num_experts)
+    kind = next((part for part in path.split("/") if part in sublayers), None)
+    axis = _expert_axis(boxes[path])
+    if kind is None or axis is None:
+      continue
+    num_experts = nn.meta.unbox(boxes[path]).shape[axis]
+    k = min(sublayers[kind].experts_per_token(seq_len), num_experts)
+    expert += n
+    inactive += n * (1 - k / num_experts)
   active = total - round(inactive)
   embedding = size["token_embed/embedding"] + size.get("lm_head", 0)
   # Matmul params a token multiplies with: all active ones except the embedding lookup, plus

@@ -186,8 +186,8 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
   if batch_size % split:
     raise checks.SettingError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
                      f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
-  if getattr(module, "moe_layer", None) is not None:
-    layer = module.moe_layer()
+  layer = module.sparse_sublayers().get("moe") if hasattr(module, "sparse_sublayers") else None
+  if layer is not None:
     num_experts = layer.num_experts
     e = logical_axis_size(mesh, rules, "expert")
     if num_experts % e:

@@ -1,11 +1,14 @@
 """Routers decide *who goes where*.
 
-A router maps grouped token representations x [G, S, H] to a routing decision:
+A router (the `Router` contract below) maps grouped token representations x [G, S, H] to a
+routing decision that carries its own dispatch data (dispatch.py):
   * `TokenChoiceRouter`: every token picks its top-k experts (Switch k=1; GShard, GLaM, ST-MoE,
     Mixtral k=2), with the options the literature uses (jitter, noisy gating, random routing of
     the second expert, batch-prioritized routing, renormalised combine weights, DeepSeek-V3's
     aux-loss-free expert bias).
   * `ExpertChoiceRouter`: every expert picks its top-C tokens of the group (Zhou et al. 2022).
+  * `soft_moe.SoftRouter`: every slot is a softmax mixture of the group's tokens (Puigcerver
+    et al. 2023), in its own file: a new router is one file.
 
 Routers never move data: dispatchers (dispatch.py) do, and experts (experts.py) compute.
 The losses are small pure functions so that tests can call them directly.
@@ -23,49 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+# The decisions carry their own dispatch data, so they live with the dispatchers (vmoe's
+# design); re-exported here as the routers' return types.
+from moe_jax.dispatch import ExpertChoiceRouting, Routing, TokenChoiceRouting  # pylint: disable=unused-import
+
 Array = jax.Array
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("all", "random")
 EXPERT_BIAS_COLLECTION = "moe_balance"
-
-
-# ---------------------------------------------------------------------------------------------
-# Routing decisions: what the dispatchers consume.
-# ---------------------------------------------------------------------------------------------
-@struct.dataclass
-class TokenChoiceRouting:
-  """Each token's k choices, in choice order (choice 0 is the token's top expert).
-
-  Attributes:
-    expert_index: [G, S, k] int32, the chosen experts.
-    combine_weights: [G, S, k] float32, gate of each choice; 0 where the assignment was dropped.
-    position: [G, S, k] int32, slot of the assignment in its expert's buffer for this group
-      (assignments are queued by priority: all first choices before all second choices).
-      Meaningful only where `kept`.
-    kept: [G, S, k] bool, the assignment survived padding, random routing and capacity.
-  """
-  expert_index: Array
-  combine_weights: Array
-  position: Array
-  kept: Array
-
-
-@struct.dataclass
-class ExpertChoiceRouting:
-  """Each expert's C chosen tokens of a group, best first.
-
-  Attributes:
-    token_index: [G, E, C] int32, index into the group's S tokens.
-    combine_weights: [G, E, C] float32, router prob of (token, expert); 0 where not `valid`.
-    valid: [G, E, C] bool, False where the slot holds a padding token.
-  """
-  token_index: Array
-  combine_weights: Array
-  valid: Array
-
-
-Routing = Union[TokenChoiceRouting, ExpertChoiceRouting]
 
 
 @struct.dataclass
@@ -206,6 +175,55 @@ def queue_positions(expert_index: Array, valid: Array, num_experts: int,
 # ---------------------------------------------------------------------------------------------
 # Router modules.
 # ---------------------------------------------------------------------------------------------
+class Router(nn.Module):
+  """The router contract: what every router is told, returns and declares.
+
+  Called by the layer as
+
+      router(x, padding_mask, num_experts, capacity, deterministic) -> RouterOutput
+
+    x [G, S, H]: the groups of token representations (any dtype; routers compute in float32).
+    padding_mask [G, S] or None: 1 on real tokens; padding takes no slot and counts in no loss.
+    num_experts: E, the layer's (flaxformer's convention: the layer owns E, so one router
+      binding serves layers of any size).
+    capacity: C, slots per expert per group, from the layer's capacity factor
+      (`compute_capacity`), or None when the layer is dropless.
+    deterministic: True in evaluation and decoding (no noise, no bias update).
+
+  It returns a `RouterOutput`: the decision (`routing`, a `dispatch.Routing`, which the
+  dispatchers read without asking which router made it) plus the [G, S, E] statistics the
+  losses, metrics and records read.
+
+  Declared properties (class attributes or properties of the subclass):
+    kind: label of its decisions in routing records.
+    dispatches: the layer's `dispatch` settings its decisions support.
+    causal: a token's routing depends on no later token, so decoding token by token
+      reproduces the forward pass (False: refused by decoding).
+    mixes_tokens: a token's output carries other tokens' content (Soft MoE): refused in causal
+      (decoder-only) models, where it would show each position its future.
+    experts_per_token(num_experts, group_size): expert applications per token on average
+      (k for top-k routing): the capacity formula's k and the parameter counter's k / E.
+    expert_capacity(capacity): the slots per expert it fills given the layer's capacity (the
+      capacity itself, or its own fixed number: Soft MoE).
+    check_num_experts(num_experts): raises if it cannot route over that many experts.
+  """
+  kind = "token_choice"
+  dispatches = ("einsum", "gather", "dropless")
+  causal = True
+  mixes_tokens = False
+
+  def experts_per_token(self, num_experts: int, group_size: int) -> float:
+    del num_experts, group_size
+    return self.num_selected_experts
+
+  def expert_capacity(self, capacity: Optional[int]) -> Optional[int]:
+    return capacity
+
+  def check_num_experts(self, num_experts: int) -> None:
+    """Raises if the router cannot route over `num_experts` (called when the layer is built)."""
+    _check_experts(num_experts, self.num_selected_experts)
+
+
 def default_router_init():
   # Switch Transformer: small init (scale 0.1) keeps early routing close to uniform.
   return nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
@@ -260,7 +278,7 @@ def _jitter(module: nn.Module, x: Array, eps: float) -> Array:
   return x * noise
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(Router):
   """Tokens choose their top-k experts.
 
       logits = x W_r                                      [G, S, E] float32, W_r bias-free
@@ -285,7 +303,6 @@ class TokenChoiceRouter(nn.Module):
   only and, in training, updated by rate · sign(mean load − load) from this batch's loads. The
   caller must make that collection mutable in training: `apply(..., mutable=['moe_balance'])`.
   """
-  num_experts: int
   num_selected_experts: int = 2
   jitter_noise: float = 0.0
   noisy_gating: bool = False
@@ -296,8 +313,15 @@ class TokenChoiceRouter(nn.Module):
   expert_bias_update_rate: float = 0.0
   kernel_init: nn.initializers.Initializer = default_router_init()
 
+  dispatches = ("einsum", "gather", "dropless")
+
+  @property
+  def causal(self) -> bool:
+    # Batch-prioritized routing lets later tokens take earlier tokens' slots.
+    return not self.batch_prioritized
+
   def __post_init__(self):
-    _check_experts(self.num_experts, self.num_selected_experts)
+    _check_experts(None, self.num_selected_experts)
     if self.score_function not in SCORE_FUNCTIONS:
       raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, "
                        f"got {self.score_function!r}.")
@@ -314,10 +338,10 @@ class TokenChoiceRouter(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, padding_mask: Optional[Array], capacity: Optional[int],
-               deterministic: bool) -> RouterOutput:
-    """Routes x [G, S, H]; `capacity` None means no limit (dropless)."""
-    e, k = self.num_experts, self.num_selected_experts
+  def __call__(self, x: Array, padding_mask: Optional[Array], num_experts: int,
+               capacity: Optional[int], deterministic: bool) -> RouterOutput:
+    """Routes x [G, S, H] over E = num_experts; `capacity` None means no limit (dropless)."""
+    e, k = num_experts, self.num_selected_experts
     mask = _token_mask(padding_mask, x.shape[:2])
     valid_token = mask > 0
     x = x.astype(jnp.float32)
@@ -390,7 +414,7 @@ class TokenChoiceRouter(nn.Module):
         z_loss=router_z_loss(logits, mask))
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
   """Experts choose tokens (Zhou et al. 2022): each expert takes its top-C tokens of the group.
 
       probs = softmax(x W_r)                  [G, S, E], over experts
@@ -407,24 +431,26 @@ class ExpertChoiceRouter(nn.Module):
   S=32, E=64, k=2: 1 slot by the formula, 4 with min_capacity=4): set min_capacity=0 (or 1)
   for the exact ratio.
   """
-  num_experts: int
   num_selected_experts: int = 2
   kernel_init: nn.initializers.Initializer = default_router_init()
+  kind = "expert_choice"
+  dispatches = ("einsum", "gather")  # a fixed capacity by construction: never dropless
+  causal = False
 
   def __post_init__(self):
-    _check_experts(self.num_experts, self.num_selected_experts)
+    _check_experts(None, self.num_selected_experts)
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, padding_mask: Optional[Array], capacity: Optional[int],
-               deterministic: bool) -> RouterOutput:
+  def __call__(self, x: Array, padding_mask: Optional[Array], num_experts: int,
+               capacity: Optional[int], deterministic: bool) -> RouterOutput:
     del deterministic  # expert choice has no training-only randomness
     if capacity is None:
       raise ValueError("ExpertChoiceRouter needs a capacity (expert choice has a fixed "
                        "capacity by construction; dispatch='dropless' does not apply).")
     mask = _token_mask(padding_mask, x.shape[:2])
     capacity = min(capacity, x.shape[1])  # an expert can take each token at most once
-    logits = RouterLogits(self.num_experts, self.kernel_init, name="logits")(x)
+    logits = RouterLogits(num_experts, self.kernel_init, name="logits")(x)
     probs = jax.nn.softmax(logits, axis=-1)
     # Real tokens have probs in (0, 1]; padding gets -1 so it is chosen last.
     candidates = jnp.where(mask[..., None] > 0, probs, -1.0)
@@ -435,21 +461,24 @@ class ExpertChoiceRouter(nn.Module):
     top_probs = jnp.take_along_axis(by_expert, token_index, axis=-1)  # [G, E, C]
     valid = top_probs >= 0
     # [G, S, E] 0/1: which experts picked each token (scatter: no [G, E, C, S] one-hot).
-    g, e = jnp.arange(x.shape[0])[:, None, None], jnp.arange(self.num_experts)[None, :, None]
+    g, e = jnp.arange(x.shape[0])[:, None, None], jnp.arange(num_experts)[None, :, None]
     chosen = jnp.zeros(probs.shape, jnp.float32).at[g, token_index, e].add(valid)
     routing = ExpertChoiceRouting(
         token_index=token_index.astype(jnp.int32),
         combine_weights=jnp.where(valid, top_probs, 0.0),
-        valid=valid)
+        valid=valid, group_size=x.shape[1])
     return RouterOutput(
         routing=routing, logits=logits, probs=probs, selected=chosen, admitted=chosen,
         kept=chosen,
         aux_loss=jnp.zeros((), jnp.float32), z_loss=router_z_loss(logits, mask))
 
 
-def _check_experts(num_experts: int, num_selected_experts: int):
-  if num_experts < 1:
+def _check_experts(num_experts: Optional[int], num_selected_experts: int):
+  """k in [1, E] (E None: only k >= 1, before the layer says E)."""
+  if num_experts is not None and num_experts < 1:
     raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
-  if not 1 <= num_selected_experts <= num_experts:
+  if num_experts is None and num_selected_experts < 1:
+    raise ValueError(f"num_selected_experts (top-k) must be >= 1, got {num_selected_experts}.")
+  if num_experts is not None and not 1 <= num_selected_experts <= num_experts:
     raise ValueError(f"num_selected_experts (top-k) must be in [1, num_experts={num_experts}], "
                      f"got {num_selected_experts}.")

@@ -164,3 +164,17 @@ def moe_output_expert_choice(x, routing, weights, activation):
           s = routing["token"][g, e, c]
           y[g, s] += routing["weight"][g, e, c] * expert_ffn(x[g, s], e, weights, activation)
   return y
+
+
+def rope(x, positions, theta):
+  """Rotates pairs (i, i + D/2) by angle pos · θ^(−2i/D), one coordinate at a time."""
+  b, l, n, d = x.shape
+  out = np.array(x, np.float64)
+  for bi in range(b):
+    for li in range(l):
+      for i in range(d // 2):
+        angle = positions[bi, li] * theta ** (-2.0 * i / d)
+        a, c = x[bi, li, :, i], x[bi, li, :, i + d // 2]
+        out[bi, li, :, i] = a * np.cos(angle) - c * np.sin(angle)
+        out[bi, li, :, i + d // 2] = c * np.cos(angle) + a * np.sin(angle)
+  return out

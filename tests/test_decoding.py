@@ -56,6 +56,7 @@ def test_greedy_and_bad_settings():
 @pytest.mark.parametrize("name,bindings,prefix", [
     ("mixtral_8x7b_tiny", (), False),                       # dropless, GQA, scanned layers
     ("st_moe_tiny", ("EVAL_CAPACITY_FACTOR = 4.0", "SCAN_LAYERS = False"), True),
+    ("switchhead_tiny", ("EVAL_CAPACITY_FACTOR = 4.0",), False),  # MoE attention: mixed-value cache
 ])
 def test_cached_decoding_equals_full_forward(name, bindings, prefix):
   module = load(name, *bindings)
@@ -82,5 +83,10 @@ def test_eos_pads_the_rest_and_expert_choice_is_refused():
   eos = int(first[0, 0])
   tokens, _ = decoding.generate(module, variables, prompt, max_new_tokens=5, eos_id=eos)
   assert int(tokens[0, 0]) == eos and np.all(np.asarray(tokens[0, 1:]) == 0)
-  with pytest.raises(ValueError, match="expert-choice"):
+  with pytest.raises(ValueError, match=r"the moe sub-layer's router \(ExpertChoiceRouter\) is "
+                     r"not causal .* cannot decode token by token"):
     decoding.generate(load("expert_choice_tiny"), variables, prompt, max_new_tokens=2)
+  # The same refusal from the router's `causal` property alone: batch-prioritized routing.
+  with pytest.raises(ValueError, match=r"\(TokenChoiceRouter\) is not causal"):
+    decoding.generate(load("mixtral_8x7b_tiny", "routing.TokenChoiceRouter.batch_prioritized = True"),
+                      variables, prompt, max_new_tokens=2)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference as ref
 from moe_jax.attention import Attention, rotary_embedding
 from moe_jax.model import Decoder, DecoderOnlyLM, moe_layer_ids
 from moe_jax.moe_layer import MoeLayer
@@ -19,7 +20,7 @@ VOCAB = 61
 def tiny(**overrides):
   # eval capacity C = ceil(2.0 · 2 · S / 4) = S: no token is ever dropped (see the causal
   # test); the reference expert implementation compiles fastest.
-  moe = functools.partial(MoeLayer, TokenChoiceRouter(4, 2), 24, activation="swiglu",
+  moe = functools.partial(MoeLayer, TokenChoiceRouter(2), 4, 24, activation="swiglu",
                           eval_capacity_factor=2.0, expert_implementation="reference")
   cfg = dict(vocab_size=VOCAB, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2,
              mlp_dim=48, moe_layer=moe, moe_every=2)
@@ -44,25 +45,11 @@ def init(model, toks):
 # RoPE and attention against plain numpy.
 # --------------------------------------------------------------------------------------
 
-def numpy_rope(x, positions, theta):
-  """Rotates pairs (i, i + D/2) by angle pos · θ^(−2i/D), one coordinate at a time."""
-  b, l, n, d = x.shape
-  out = np.array(x, np.float64)
-  for bi in range(b):
-    for li in range(l):
-      for i in range(d // 2):
-        angle = positions[bi, li] * theta ** (-2.0 * i / d)
-        a, c = x[bi, li, :, i], x[bi, li, :, i + d // 2]
-        out[bi, li, :, i] = a * np.cos(angle) - c * np.sin(angle)
-        out[bi, li, :, i + d // 2] = c * np.cos(angle) + a * np.sin(angle)
-  return out
-
-
 def test_rotary_embedding_matches_pairwise_rotation():
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 8)))
   positions = np.array([[0, 1, 2, 3, 4], [7, 3, 0, 11, 2]])
   got = rotary_embedding(jnp.asarray(x), jnp.asarray(positions), theta=500.0)
-  np.testing.assert_allclose(got, numpy_rope(x, positions, 500.0), atol=1e-5)
+  np.testing.assert_allclose(got, ref.rope(x, positions, 500.0), atol=1e-5)
 
 
 def numpy_attention(params, x, prefix=None, segments=None, theta=10000.0):
@@ -71,8 +58,8 @@ def numpy_attention(params, x, prefix=None, segments=None, theta=10000.0):
   b, l, _ = x.shape
   n, k, d = wq.shape[1], wk.shape[1], wq.shape[2]
   pos = np.tile(np.arange(l), (b, 1))
-  q = numpy_rope(np.einsum("blh,hnd->blnd", x, wq), pos, theta)
-  kk = numpy_rope(np.einsum("blh,hnd->blnd", x, wk), pos, theta)
+  q = ref.rope(np.einsum("blh,hnd->blnd", x, wq), pos, theta)
+  kk = ref.rope(np.einsum("blh,hnd->blnd", x, wk), pos, theta)
   v = np.einsum("blh,hnd->blnd", x, wv)
   out = np.zeros((b, l, n, d))
   for bi in range(b):

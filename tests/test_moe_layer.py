@@ -28,10 +28,10 @@ def _layer(router="token", k=2, dispatch="gather", activation="relu", cf=1.0, ev
                    if key in ("batch_prioritized", "normalize_combine_weights",
                               "second_expert_policy", "jitter_noise")}
   if router == "token":
-    r = routing.TokenChoiceRouter(E, k, **router_kwargs)
+    r = routing.TokenChoiceRouter(k, **router_kwargs)
   else:
-    r = routing.ExpertChoiceRouter(E, k)
-  return moe_layer.MoeLayer(r, F, activation=activation, dispatch=dispatch,
+    r = routing.ExpertChoiceRouter(k)
+  return moe_layer.MoeLayer(r, E, F, activation=activation, dispatch=dispatch,
                             train_capacity_factor=cf, eval_capacity_factor=eval_cf or cf,
                             min_capacity=1, group_size=group_size, **kwargs)
 
@@ -54,7 +54,7 @@ def _reference(layer, variables, x, mask, deterministic=True):
   k = layer.router.num_selected_experts
   cf = layer.eval_capacity_factor if deterministic else layer.train_capacity_factor
   cap = None if layer.dispatch == "dropless" else ref.capacity(s, E, k, cf, layer.min_capacity)
-  if isinstance(layer.router, routing.ExpertChoiceRouter):
+  if layer.router.kind == "expert_choice":
     r = ref.expert_choice(logits, cap, mg)
     y = ref.moe_output_expert_choice(xg, r, params["experts"], layer.activation)
   else:
@@ -251,12 +251,14 @@ def test_sharded_batch_gives_unsharded_result():
 
 
 BAD_SETTINGS = [
-    (lambda: routing.TokenChoiceRouter(4, 5), r"num_selected_experts .*\[1, num_experts=4\].*5"),
-    (lambda: routing.TokenChoiceRouter(4, 0), r"num_selected_experts .*\[1, num_experts=4\].*0"),
-    (lambda: routing.ExpertChoiceRouter(4, 6), r"num_selected_experts"),
-    (lambda: routing.TokenChoiceRouter(4, 2, score_function="tanh"), r"score_function must be one "
+    (lambda: moe_layer.MoeLayer(routing.TokenChoiceRouter(5), 4, F),
+     r"num_selected_experts .*\[1, num_experts=4\].*5"),
+    (lambda: routing.TokenChoiceRouter(0), r"num_selected_experts \(top-k\) must be >= 1, got 0"),
+    (lambda: moe_layer.MoeLayer(routing.ExpertChoiceRouter(6), 4, F), r"num_selected_experts"),
+    (lambda: moe_layer.MoeLayer(routing.TokenChoiceRouter(2), 0, F), r"num_experts must be >= 1"),
+    (lambda: routing.TokenChoiceRouter(2, score_function="tanh"), r"score_function must be one "
      r"of \('softmax', 'sigmoid'\)"),
-    (lambda: routing.TokenChoiceRouter(4, 2, second_expert_policy="x"), r"second_expert_policy"),
+    (lambda: routing.TokenChoiceRouter(2, second_expert_policy="x"), r"second_expert_policy"),
     (lambda: _layer(cf=0.0), r"train_capacity_factor must be finite and > 0, got 0.0"),
     (lambda: _layer(cf=1.0, eval_cf=-1.0), r"eval_capacity_factor must be finite and > 0"),
     (lambda: _layer(cf=float("nan")), r"train_capacity_factor must be finite and > 0, got nan"),
@@ -265,7 +267,8 @@ BAD_SETTINGS = [
      r"activation must be one of \('relu', 'gelu', 'swiglu', 'geglu'\), got 'tanh'"),
     (lambda: _layer(dispatch="scatter"),
      r"dispatch must be one of \('einsum', 'gather', 'dropless'\), got 'scatter'"),
-    (lambda: _layer(router="expert", dispatch="dropless"), r"dropless.*token-choice"),
+    (lambda: _layer(router="expert", dispatch="dropless"), r"dispatch='dropless' does not apply to ExpertChoiceRouter \(kind 'expert_choice'\); it "
+     r"supports dispatch in \('einsum', 'gather'\)"),
     (lambda: _layer(expert_implementation="magic"), r"expert_implementation must be one of"),
     (lambda: _layer(group_size=0), r"group_size must be >= 1"),
 ]
@@ -323,9 +326,9 @@ def test_k_equal_to_num_experts():
 def test_training_mode_with_every_rng_stream_and_bias_over_groups():
   """Jitter, noisy gating, random routing and the expert bias through the layer, G=3 groups."""
   x, mask = _inputs(seed=9)
-  router = routing.TokenChoiceRouter(E, 2, jitter_noise=0.1, noisy_gating=True,
+  router = routing.TokenChoiceRouter(2, jitter_noise=0.1, noisy_gating=True,
                                      second_expert_policy="random", expert_bias_update_rate=0.01)
-  layer = moe_layer.MoeLayer(router, F, group_size=8, train_capacity_factor=0.8, min_capacity=1,
+  layer = moe_layer.MoeLayer(router, E, F, group_size=8, train_capacity_factor=0.8, min_capacity=1,
                              expert_dropout_rate=0.1)
   variables = layer.init({"params": jax.random.PRNGKey(0)}, x, mask, True)
   rngs = {name: jax.random.PRNGKey(i) for i, name in

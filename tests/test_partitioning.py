@@ -38,7 +38,7 @@ def test_mesh_sizes_and_errors():
 
 
 def layer_and_params(router, dispatch, **kwargs):
-  layer = MoeLayer(router, 32, activation="swiglu", dispatch=dispatch,
+  layer = MoeLayer(router, 8, 32, activation="swiglu", dispatch=dispatch,
                    train_capacity_factor=1.0, eval_capacity_factor=1.0, **kwargs)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16))
   mask = jnp.ones((8, 16)).at[3, 10:].set(0)
@@ -62,7 +62,7 @@ def layer_loss(layer, params, x, mask):
 @pytest.mark.parametrize("router_kind,dispatch", [("token", "gather"), ("token", "einsum"),
                                                   ("expert", "gather")])
 def test_moe_layer_sharded_equals_single_device(mesh_dims, router_kind, dispatch):
-  router = (TokenChoiceRouter(8, 2) if router_kind == "token" else ExpertChoiceRouter(8, 2))
+  router = (TokenChoiceRouter(2) if router_kind == "token" else ExpertChoiceRouter(2))
   layer, x, mask, params = layer_and_params(router, dispatch)
   grad = jax.jit(jax.grad(functools.partial(layer_loss, layer), argnums=(0, 1), has_aux=True))
   (g_params, g_x), (y, aux) = grad(params, x, mask)
@@ -121,7 +121,7 @@ def test_dropless_expert_parallel_equals_single_device(transport, mesh_dims, req
   layer, and nothing dropped."""
   if transport == "ragged_all_to_all":
     request.getfixturevalue("ragged_on_cpu")
-  layer, x, mask, params = layer_and_params(TokenChoiceRouter(8, 2), "dropless")
+  layer, x, mask, params = layer_and_params(TokenChoiceRouter(2), "dropless")
   grad = jax.jit(jax.grad(functools.partial(layer_loss, layer), argnums=(0, 1), has_aux=True))
   (g_params, g_x), (y, aux) = grad(params, x, mask)
   mesh = mesh_of(*mesh_dims)
@@ -144,7 +144,7 @@ def test_dropless_expert_parallel_equals_single_device(transport, mesh_dims, req
 
 @pytest.mark.parametrize("mesh_dims", [(2, 4, 1), (1, 4, 2)])
 def test_dropless_expert_parallel_gathers_tokens_not_expert_weights(mesh_dims):
-  hlo = compiled_grad_hlo(TokenChoiceRouter(8, 2), "dropless", mesh_of(*mesh_dims))
+  hlo = compiled_grad_hlo(TokenChoiceRouter(2), "dropless", mesh_of(*mesh_dims))
   counts = collective_counts(hlo)
   assert counts["all-gather"] >= 1 and counts["reduce-scatter"] >= 1, counts
   # Weights [8, 16, 32] / [8, 32, 16] (or their model shards [8, 16, 16]) are never gathered:
@@ -178,7 +178,7 @@ def test_receive_buffer_bound_counts_overflow_like_numpy(transport, request):
   transports fill a receiver's R rows and count the rest)."""
   if transport == "ragged_all_to_all":
     request.getfixturevalue("ragged_on_cpu")
-  layer, x, mask, params = layer_and_params(TokenChoiceRouter(8, 2), "dropless",
+  layer, x, mask, params = layer_and_params(TokenChoiceRouter(2), "dropless",
                                             receive_buffer_factor=1.0)
   params = nn.meta.unbox(params)
   kernel = params["router"]["logits"]["kernel"].at[:, :2].add(5.0)
@@ -198,7 +198,7 @@ def test_receive_buffer_bound_counts_overflow_like_numpy(transport, request):
 
 
 def test_shard_shapes_follow_the_rules():
-  layer, x, mask, params = layer_and_params(TokenChoiceRouter(8, 2), "gather")
+  layer, x, mask, params = layer_and_params(TokenChoiceRouter(2), "gather")
   mesh = mesh_of(1, 4, 2)
   with part.activate(mesh, RULES):
     p = jax.device_put(params, part.logical_shardings(params, mesh, RULES))
@@ -213,7 +213,7 @@ def test_shard_shapes_follow_the_rules():
 @pytest.mark.parametrize("router_kind,dispatch", [("token", "gather"), ("token", "einsum"),
                                                   ("expert", "gather")])
 def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_kind, dispatch):
-  router = TokenChoiceRouter(8, 2) if router_kind == "token" else ExpertChoiceRouter(8, 2)
+  router = TokenChoiceRouter(2) if router_kind == "token" else ExpertChoiceRouter(2)
   hlo = compiled_grad_hlo(router, dispatch, mesh_of(2, 4, 1))
   counts = collective_counts(hlo)
   assert counts["all-to-all"] >= 2, counts  # to the experts and back (and in the backward)
@@ -299,11 +299,11 @@ def test_bad_layouts_fail_before_compiling():
     part.validate(no_ragged, mesh_of(2, 4, 1), RULES, batch_size=8)
   with pytest.raises(ValueError, match=r"receive_buffer_factor must be None .* or a finite "
                      r"number >= 1 .* got 0.5"):
-    MoeLayer(TokenChoiceRouter(8, 2), 8, dispatch="dropless", receive_buffer_factor=0.5)
+    MoeLayer(TokenChoiceRouter(2), 8, 8, dispatch="dropless", receive_buffer_factor=0.5)
   with pytest.raises(ValueError, match=r"transport must be one of \('auto', 'all_gather'"):
-    MoeLayer(TokenChoiceRouter(8, 2), 8, dispatch="dropless", transport="nccl")
+    MoeLayer(TokenChoiceRouter(2), 8, 8, dispatch="dropless", transport="nccl")
   with pytest.raises(ValueError, match=r"layout must be one of \('packed', 'grouped'\)"):
-    MoeLayer(TokenChoiceRouter(8, 2), 8, layout="sharded")
+    MoeLayer(TokenChoiceRouter(2), 8, 8, layout="sharded")
 
 
 @pytest.mark.parametrize("fsdp", [False, True])

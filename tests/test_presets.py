@@ -14,7 +14,8 @@ from moe_jax import config, params
 
 MODELS = os.path.join(config.REPO_ROOT, "gin_configs", "models")
 PRESETS = ["switch_base", "gshard", "glam", "st_moe", "expert_choice", "mixtral_8x7b",
-           "openmoe_base_16e", "openmoe_8b_32e", "openmoe_34b_32e", "deepseek_moe", "dense"]
+           "openmoe_base_16e", "openmoe_8b_32e", "openmoe_34b_32e", "deepseek_moe", "dense",
+           "switchhead"]
 
 
 def load(name, *bindings):
@@ -69,7 +70,7 @@ def test_full_preset_shapes(name):
   sparse = sorted({int(p.split("/")[0].split("_")[1]) for p in shapes if "/moe/" in p})
   assert tuple(sparse) == module.moe_ids
   if module.moe_layer is not None:
-    e = module.moe_layer().num_experts
+    e = module.sparse_sublayers()["moe"].num_experts
     wi = shapes[f"layers_{sparse[0]}/moe/experts/wi"].shape
     assert wi[0] == e and wi[1] == module.d_model
 

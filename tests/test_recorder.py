@@ -48,7 +48,7 @@ def _check_probabilities(record, logits, mask):
 
 @pytest.mark.parametrize("k,cf", [(1, 1.0), (2, 0.7)])
 def test_token_choice_record_matches_numpy_routing(k, cf):
-  layer = moe_layer.MoeLayer(routing.TokenChoiceRouter(E, k), F, train_capacity_factor=cf,
+  layer = moe_layer.MoeLayer(routing.TokenChoiceRouter(k), E, F, train_capacity_factor=cf,
                              eval_capacity_factor=cf, min_capacity=1)
   x, mask = _inputs()
   record, _, logits = _record(layer, x, mask)
@@ -67,7 +67,7 @@ def test_token_choice_record_matches_numpy_routing(k, cf):
 
 
 def test_random_routing_skips_are_recorded_as_skipped():
-  layer = moe_layer.MoeLayer(routing.TokenChoiceRouter(E, 2, second_expert_policy="random"), F,
+  layer = moe_layer.MoeLayer(routing.TokenChoiceRouter(2, second_expert_policy="random"), E, F,
                              train_capacity_factor=2.0, min_capacity=1)
   x, mask = _inputs()
   x = 300 * x  # confident routers: second gates well under 1/2, so some are skipped
@@ -82,7 +82,7 @@ def test_random_routing_skips_are_recorded_as_skipped():
 
 
 def test_expert_choice_record_lists_the_experts_that_took_each_token():
-  layer = moe_layer.MoeLayer(routing.ExpertChoiceRouter(E, 2), F, eval_capacity_factor=1.0,
+  layer = moe_layer.MoeLayer(routing.ExpertChoiceRouter(2), E, F, eval_capacity_factor=1.0,
                              min_capacity=1)
   x, mask = _inputs()
   record, _, logits = _record(layer, x, mask)
@@ -111,7 +111,7 @@ VOCAB = 50
 
 
 def _model(scan: bool, cf: float = 2.0):
-  moe = functools.partial(moe_layer.MoeLayer, routing.TokenChoiceRouter(4, 2), 24,
+  moe = functools.partial(moe_layer.MoeLayer, routing.TokenChoiceRouter(2), 4, 24,
                           eval_capacity_factor=cf, min_capacity=1,
                           expert_implementation="reference")
   return DecoderOnlyLM(Decoder(vocab_size=VOCAB, num_layers=4, d_model=32, num_heads=4,

@@ -22,10 +22,11 @@ def _inputs(seed=0, padding=True):
 
 
 def _run(router, x, mask, capacity, deterministic=True, rngs=None, mutable=False,
-         variables=None):
+         variables=None, num_experts=E):
   if variables is None:
-    variables = router.init({"params": jax.random.PRNGKey(1)}, x, mask, capacity, True)
-  out = router.apply(variables, x, mask, capacity, deterministic, rngs=rngs or {},
+    variables = router.init({"params": jax.random.PRNGKey(1)}, x, mask, num_experts, capacity,
+                            True)
+  out = router.apply(variables, x, mask, num_experts, capacity, deterministic, rngs=rngs or {},
                      mutable=mutable)
   return out, variables
 
@@ -57,7 +58,7 @@ def test_capacity_formula_counts_k():
 def test_token_choice_matches_reference(k, normalize, bpr, cf):
   x, mask = _inputs()
   capacity = None if cf is None else routing.compute_capacity(S, E, k, cf, 1)
-  router = routing.TokenChoiceRouter(E, k, batch_prioritized=bpr,
+  router = routing.TokenChoiceRouter(k, batch_prioritized=bpr,
                                      normalize_combine_weights=normalize)
   out, variables = _run(router, x, mask, capacity)
   want = ref.token_choice(_logits(variables, x), k, capacity, mask, normalize=normalize,
@@ -97,7 +98,7 @@ def test_expert_choice_matches_reference():
   x, mask = _inputs(padding=True)
   mask[0, :-3] = 0  # group 0: only 3 real tokens, fewer than C, so some slots are invalid
   capacity = routing.compute_capacity(S, E, 2, 1.0, 1)
-  router = routing.ExpertChoiceRouter(E, 2)
+  router = routing.ExpertChoiceRouter(2)
   out, variables = _run(router, x, mask, capacity)
   want = ref.expert_choice(_logits(variables, x), capacity, mask)
   r = out.routing
@@ -136,10 +137,10 @@ def test_jitter_is_multiplicative_uniform_and_training_only():
   eps = 0.2
   x = np.zeros((1, 2000, 4), np.float32)
   x[..., 0] = 1.0  # one feature: logits = u · W[0], so u = logits / W[0]
-  router = routing.TokenChoiceRouter(3, 1, jitter_noise=eps)
-  eval_out, variables = _run(router, x, None, None)
+  router = routing.TokenChoiceRouter(1, jitter_noise=eps)
+  eval_out, variables = _run(router, x, None, None, num_experts=3)
   train_out, _ = _run(router, x, None, None, deterministic=False,
-                      rngs={"jitter": jax.random.PRNGKey(7)}, variables=variables)
+                      rngs={"jitter": jax.random.PRNGKey(7)}, variables=variables, num_experts=3)
   w0 = np.asarray(nn.meta.unbox(variables["params"]["logits"]["kernel"]))[0]
   np.testing.assert_allclose(eval_out.logits, np.broadcast_to(w0, (1, 2000, 3)), rtol=1e-6)
   u = np.asarray(train_out.logits) / w0
@@ -154,18 +155,18 @@ def test_noisy_gating_noise_std_is_softplus_of_learned_projection():
   n = 4000
   x = np.zeros((1, n, 2), np.float32)
   x[..., 0] = 1.0
-  router = routing.TokenChoiceRouter(2, 2, noisy_gating=True, normalize_combine_weights=True)
-  variables = router.init({"params": jax.random.PRNGKey(0)}, x, None, None, True)
+  router = routing.TokenChoiceRouter(2, noisy_gating=True, normalize_combine_weights=True)
+  variables = router.init({"params": jax.random.PRNGKey(0)}, x, None, 2, None, True)
   sigma = np.array([0.5, 1.5])
   params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
   params["logits"]["kernel"] = np.zeros((2, 2), np.float32)
   params["noise_logits"]["kernel"] = np.stack([np.log(np.expm1(sigma)), np.zeros(2)]).astype(
       np.float32)
   variables = {"params": params}
-  det, _ = _run(router, x, None, None, variables=variables)
+  det, _ = _run(router, x, None, None, variables=variables, num_experts=2)
   np.testing.assert_allclose(det.routing.combine_weights, 0.5)  # no noise when deterministic
   out, _ = _run(router, x, None, None, deterministic=False,
-                rngs={"gating_noise": jax.random.PRNGKey(3)}, variables=variables)
+                rngs={"gating_noise": jax.random.PRNGKey(3)}, variables=variables, num_experts=2)
   w = np.asarray(out.routing.combine_weights)[0]
   e = np.asarray(out.routing.expert_index)[0]
   g1 = np.where(e[:, 0] == 0, w[:, 0], w[:, 1])
@@ -177,8 +178,8 @@ def test_noisy_gating_noise_std_is_softplus_of_learned_projection():
 def test_gshard_random_routing_keeps_second_expert_with_prob_2g2():
   x, _ = _inputs(seed=5, padding=False)
   x = np.concatenate([x] * 40, axis=1)  # many tokens for the statistics
-  router = routing.TokenChoiceRouter(E, 2, second_expert_policy="random")
-  variables = router.init({"params": jax.random.PRNGKey(1)}, x, None, None, True)
+  router = routing.TokenChoiceRouter(2, second_expert_policy="random")
+  variables = router.init({"params": jax.random.PRNGKey(1)}, x, None, E, None, True)
   # Sharper router than at init, so keep probabilities spread over (0, 1].
   variables = jax.tree.map(lambda a: 20 * a, variables)
   det, _ = _run(router, x, None, None, variables=variables)
@@ -212,8 +213,8 @@ def test_gshard_random_routing_keeps_second_expert_with_prob_2g2():
 def test_aux_loss_free_bias_selection_only_and_update_rule():
   x, mask = _inputs(seed=2)
   rate = 0.01
-  router = routing.TokenChoiceRouter(E, 2, expert_bias_update_rate=rate)
-  variables = router.init({"params": jax.random.PRNGKey(0)}, x, mask, None, True)
+  router = routing.TokenChoiceRouter(2, expert_bias_update_rate=rate)
+  variables = router.init({"params": jax.random.PRNGKey(0)}, x, mask, E, None, True)
   assert np.all(variables[routing.EXPERT_BIAS_COLLECTION]["expert_bias"] == 0)
   # Update rule: b += rate · sign(mean(load) − load), loads before capacity over real tokens.
   (out, new_state), _ = _run(router, x, mask, 4, deterministic=False, variables=variables,
@@ -240,7 +241,7 @@ def test_aux_loss_free_bias_selection_only_and_update_rule():
 
 def test_sigmoid_scores_match_reference():
   x, mask = _inputs(seed=4)
-  router = routing.TokenChoiceRouter(E, 2, score_function="sigmoid",
+  router = routing.TokenChoiceRouter(2, score_function="sigmoid",
                                      normalize_combine_weights=True)
   out, variables = _run(router, x, mask, 5)
   want = ref.token_choice(_logits(variables, x), 2, 5, mask, normalize=True, score="sigmoid")
@@ -252,7 +253,7 @@ def test_sigmoid_scores_match_reference():
 
 def test_router_is_float32_for_bfloat16_inputs():
   x, mask = _inputs()
-  router = routing.TokenChoiceRouter(E, 2)
+  router = routing.TokenChoiceRouter(2)
   out, variables = _run(router, jnp.asarray(x, jnp.bfloat16), mask, 8)
   assert out.logits.dtype == jnp.float32 and out.routing.combine_weights.dtype == jnp.float32
   assert variables["params"]["logits"]["kernel"].value.dtype == jnp.float32

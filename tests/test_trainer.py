@@ -105,7 +105,11 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_run(uninterrupted
   # What a run leaves behind besides checkpoints: TensorBoard events and the configs.
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(
       os.path.join(uninterrupted, "train")))
-  assert os.path.exists(os.path.join(uninterrupted, "operative_config.gin"))
+  operative = open(os.path.join(uninterrupted, "operative_config.gin")).read()
+  for setting in ("moe_layer.MoeLayer.num_experts", "moe_layer.MoeLayer.router = @routing.",
+                  "routing.TokenChoiceRouter.num_selected_experts",
+                  "routing.TokenChoiceRouter.score_function"):  # every routing setting shows
+    assert setting in operative, setting
   # metrics.jsonl keeps per-expert loads whole (TensorBoard gets their max/min and CV).
   train_rows = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl"))
                 if '"split": "train"' in l]

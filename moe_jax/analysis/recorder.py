@@ -21,7 +21,6 @@ import numpy as np
 
 from moe_jax.analysis.records import RoutingRecords
 from moe_jax.moe_layer import ROUTING_RECORDS
-from moe_jax.routing import ExpertChoiceRouter
 
 
 def with_capacity_factor(model, capacity_factor: float):
@@ -33,23 +32,30 @@ def with_capacity_factor(model, capacity_factor: float):
   return type(model)(**{**model.__dict__, "module": module.clone(moe_layer=layer)})
 
 
-def layer_settings(model) -> Tuple[Optional[float], str, int]:
-  """(eval capacity factor or None when dropless, router kind, num_experts) of the model."""
-  layer = model.module.moe_layer()
-  router = "expert_choice" if isinstance(layer.router, ExpertChoiceRouter) else "token_choice"
-  cf = None if layer.dispatch == "dropless" else float(layer.eval_capacity_factor)
-  return cf, router, layer.num_experts
+def layer_settings(model, sublayer: str = "moe") -> Tuple[Optional[float], str, int]:
+  """(eval capacity factor or None when nothing is dropped, router kind, experts in the
+  records) of the model's sparse sub-layer `sublayer` ("moe": the FFN; "attention")."""
+  sparse = model.module.sparse_sublayers()
+  if sublayer not in sparse:
+    raise ValueError(f"sublayer {sublayer!r} is not a sparse sub-layer of this model; choose one "
+                     f"of {tuple(sparse)}.")
+  layer = sparse[sublayer]
+  dispatch = getattr(layer, "dispatch", "dropless")  # sparse attention has no capacity
+  cf = None if dispatch == "dropless" else float(layer.eval_capacity_factor)
+  return cf, layer.router.kind, layer.recorded_experts
 
 
-def _layer_records(tree, module) -> Iterator[Tuple[int, dict]]:
-  """(model layer id, record [B, L, ...]) from the sown collection, in layer order.
+def _layer_records(tree, module, sublayer: str = "moe") -> Iterator[Tuple[int, dict]]:
+  """(model layer id, record [B, L, ...]) of one kind of sub-layer, in layer order.
 
-  Unscanned: layers_<i>/moe/record. Scanned (nn.scan over units of `moe_every` blocks):
-  layers/block_<j>/moe/record with a leading [units] axis: layer = unit · period + j.
+  Unscanned: layers_<i>/<sublayer>/record. Scanned (nn.scan over units of `moe_every` blocks):
+  layers/block_<j>/<sublayer>/record with a leading [units] axis: layer = unit · period + j.
   """
   found = []
   for path, record in _find_records(tree):
-    if path and path[0] == "layers":  # scanned
+    if not path or path[-1] != sublayer:
+      continue
+    if path[0] == "layers":  # scanned
       period = module.moe_every
       j = int(re.fullmatch(r"block_(\d+)", path[1]).group(1))
       units = next(iter(record.values())).shape[0]
@@ -70,7 +76,8 @@ def _find_records(tree, path=()):
 def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
                    label: Optional[str] = None, max_tokens: Optional[int] = None,
                    capacity_factor: Optional[float] = None, step: Optional[int] = None,
-                   apply_fn: Optional[Callable] = None) -> RoutingRecords:
+                   apply_fn: Optional[Callable] = None, sublayer: str = "moe"
+                   ) -> RoutingRecords:
   """Records the routing of `model` (a DecoderOnlyLM) with `variables` over `batches`.
 
   label: a name for every token of these batches (e.g. the domain); concatenate records of
@@ -79,10 +86,12 @@ def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]]
   capacity_factor: replaces the MoE layers' eval capacity factor.
   apply_fn: a compiled `(variables, batch) -> collection` to reuse across calls
     (`make_apply_fn`); built here when None.
+  sublayer: which sparse sub-layers to record: "moe" (the FFN) or "attention" (SwitchHead,
+    whose records number each (side, head)'s experts apart: switchhead.py).
   """
   if capacity_factor is not None:
     model = with_capacity_factor(model, capacity_factor)
-  cf, router, num_experts = layer_settings(model)
+  cf, router, num_experts = layer_settings(model, sublayer)
   apply_fn = apply_fn or make_apply_fn(model)
   columns = {}
   layer_ids, seen, next_example = None, 0, 0
@@ -97,7 +106,7 @@ def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]]
       continue
     collection = jax.device_get(apply_fn(variables, {k: np.asarray(v) for k, v in batch.items()
                                                      if k.startswith("decoder_")}))
-    layers = list(_layer_records(collection, model.module))
+    layers = list(_layer_records(collection, model.module, sublayer))
     if layer_ids is None:
       layer_ids = tuple(i for i, _ in layers)
     positions = np.asarray(batch.get("decoder_positions",

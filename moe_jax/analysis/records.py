@@ -56,7 +56,7 @@ class RoutingRecords:
     label_names: names of the `label` values (e.g. ("code", "english")).
     capacity_factor: the capacity factor the records were made with (None: dropless).
     step: the checkpoint step of the parameters (None: fresh parameters).
-    router: "token_choice" or "expert_choice".
+    router: the routing kind (the router's `kind`: "token_choice", "expert_choice", "soft").
   """
   token_id: np.ndarray
   position: np.ndarray
@@ -99,8 +99,9 @@ class RoutingRecords:
     if "all" in self.label_names:
       raise ValueError("'all' is reserved for the whole records in the analyses; rename that "
                        "label.")
-    if self.router not in ("token_choice", "expert_choice"):
-      raise ValueError(f"router must be 'token_choice' or 'expert_choice', got {self.router!r}.")
+    if not isinstance(self.router, str) or not self.router:
+      raise ValueError(f"router must name the routing kind (a router's `kind`, e.g. "
+                       f"'token_choice'), got {self.router!r}.")
 
   # --- sizes -------------------------------------------------------------------------------
   @property

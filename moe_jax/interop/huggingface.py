@@ -79,9 +79,8 @@ def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
     step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
     sparse = [i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step == 0 and i not in dense]
     placement = dict(moe_layer_indices=tuple(sparse)) if dense else dict(moe_every=step)
-  router = TokenChoiceRouter(num_experts, cfg["num_experts_per_tok"],
-                             normalize_combine_weights=normalize)
-  moe = functools.partial(MoeLayer, router, expert_dim, activation="swiglu", dispatch="dropless")
+  router = TokenChoiceRouter(cfg["num_experts_per_tok"], normalize_combine_weights=normalize)
+  moe = functools.partial(MoeLayer, router, num_experts, expert_dim, activation="swiglu", dispatch="dropless")
   settings = dict(
       vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], d_model=h,
       num_heads=n, num_kv_heads=cfg.get("num_key_value_heads") or n,
