@@ -12,8 +12,9 @@ cached decoding and a full forward pass agree whenever the forward pass drops no
 (dropless, or enough eval capacity). A fixed `group_size` must divide batch × 1 at each step
 (or set `pad_groups`, which puts the whole batch's step tokens in one group). Prompts in a
 batch share one length (one cache index for all rows): left-align equal-length prompts.
-Routers that are not causal (their `causal` property: expert choice, where an expert picks
-among all tokens of the group; batch-prioritized routing) cannot decode one token at a time.
+Routers that are not causal (`Router.is_causal`: expert choice, where an expert picks among all
+tokens of the group; batch-prioritized routing with a capacity) cannot decode one token at a
+time.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, restricted to the top_k
 tokens (0: all) and to the smallest set whose probability reaches top_p (1.0: all).

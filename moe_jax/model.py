@@ -72,8 +72,8 @@ def check_sublayer(kind: str, layer: nn.Module, decode: bool) -> None:
   if decode and not layer.causal:
     raise ValueError(
         f"the {kind} sub-layer's router ({router}) is not causal (a token's routing depends on "
-        "later tokens: expert choice, batch-prioritized routing) and cannot decode token by "
-        "token; use a causal router for generation.")
+        "later tokens: expert choice, batch-prioritized routing with a capacity) and cannot "
+        "decode token by token; use a causal router (or dropless dispatch) for generation.")
 
 
 def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = None,
@@ -122,7 +122,7 @@ class DecoderBlock(nn.Module):
     y = attention(
         h, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
         padding_mask=padding_mask, deterministic=deterministic, decode=decode)
-    if isinstance(y, tuple):  # a sparse attention returns its MoeAux too
+    if is_sparse(attention):  # a sparse attention returns its MoeAux too
       y, auxes["attention"] = y
     x = x + drop(y)
     h = norm(name="pre_mlp_norm")(x)
@@ -235,6 +235,9 @@ class Decoder(nn.Module):
                        f"{self.moe_dense_ffn!r}.")
     if self.moe_layer_indices is not None:  # gin gives lists; modules must stay hashable
       object.__setattr__(self, "moe_layer_indices", tuple(self.moe_layer_indices))
+    if self.attention_layer is not None and self.qkv_bias:
+      raise ValueError("qkv_bias applies to the default Attention; with attention_layer set, "
+                       "bind the attention factory's own settings instead.")
     if self.moe_layer is not None:
       moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
                     self.moe_layer_indices)  # validates the placement settings
@@ -245,6 +248,11 @@ class Decoder(nn.Module):
             f"(got num_layers={self.num_layers}, moe_every={self.moe_every}) and no "
             f"moe_layer_indices (got {self.moe_layer_indices}); or set scan_layers=False.")
     super().__post_init__()
+
+  @property
+  def scan_period(self) -> int:
+    """Blocks per scanned unit (scan_layers): moe_every, or 1 without MoE FFN layers."""
+    return self.moe_every if self.moe_layer is not None else 1
 
   @property
   def moe_ids(self) -> Tuple[int, ...]:
@@ -307,7 +315,8 @@ class Decoder(nn.Module):
                segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
                padding_mask: Optional[Array] = None, deterministic: bool = True,
                decode: bool = False) -> Tuple[Array, Dict[str, Array]]:
-    """tokens [B, L] -> (logits [B, L, V] float32, MoE stats: name -> [num_moe_layers, ...]).
+    """tokens [B, L] -> (logits [B, L, V] float32, stats: name -> [sparse layers, ...]): the
+    FFN MoE layers' under plain names, a sparse attention's under "attention/<name>".
 
     positions: RoPE positions (default 0..L-1; per segment when packed); segment_ids: packed
     example ids (0 = padding); prefix_mask: 1 on positions attended bidirectionally (prefix
@@ -321,7 +330,7 @@ class Decoder(nn.Module):
     inputs = (positions, segment_ids, prefix_mask, padding_mask)
     moe_ids = self.moe_ids
     if self.scan_layers:
-      period = self.moe_every if self.moe_layer is not None else 1
+      period = self.scan_period
       unit_moe = tuple(sorted({i % period for i in moe_ids}))
       stack = nn.scan(
           DecoderUnit,

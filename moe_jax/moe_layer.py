@@ -25,7 +25,7 @@ from moe_jax import dispatch as dispatch_lib
 from moe_jax import expert_parallel
 from moe_jax.experts import Experts, check_activation, check_implementation
 from moe_jax.dispatch import DROPPED, KEPT, SKIPPED, UNUSED  # pylint: disable=unused-import
-from moe_jax.routing import Router, RouterOutput, compute_capacity
+from moe_jax.routing import Router, RouterOutput, SparseSublayer, compute_capacity
 
 Array = jax.Array
 
@@ -112,7 +112,7 @@ def routing_record(out: RouterOutput, padding_mask: Array, top_probs: int = 8,
           "num_chosen": jnp.sum(out.selected, axis=-1).astype(jnp.int32)}
 
 
-class MoeLayer(nn.Module):
+class MoeLayer(SparseSublayer, nn.Module):
   """Sparse mixture-of-experts feed-forward layer.
 
   Attributes:
@@ -206,21 +206,11 @@ class MoeLayer(nn.Module):
     super().__post_init__()
 
   @property
-  def causal(self) -> bool:
-    return self.router.causal
+  def dropless(self) -> bool:
+    return self.dispatch == "dropless"
 
-  @property
-  def mixes_tokens(self) -> bool:
-    return self.router.mixes_tokens
-
-  @property
-  def recorded_experts(self) -> int:
-    """Experts as the routing records number them."""
-    return self.num_experts
-
-  def experts_per_token(self, seq_len: int) -> float:
-    """Expert applications per token on average, in sequences of `seq_len` tokens."""
-    return self.router.experts_per_token(self.num_experts, self.group_size or seq_len)
+  def routing_group_size(self, seq_len: int) -> int:
+    return self.group_size or seq_len
 
   def capacity(self, group_size: int, deterministic: bool) -> Optional[int]:
     """Slots per expert per group, or None when dropless."""

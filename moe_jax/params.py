@@ -4,7 +4,7 @@
 
 total:   every parameter.
 active:  the parameters one token uses: all of them except the experts it is not routed to
-         (expert weights — those with an "expert" logical axis in a sparse sub-layer — count
+         (expert weights — those with the sub-layer's `expert_axis` logical axis — count
          k / E of theirs, k = the sub-layer's `experts_per_token`; the router, shared experts
          and dense parts count fully). Embeddings are included, as in the published Mixtral /
          GLaM figures. Sparse attention (SwitchHead) counts the same way.
@@ -66,10 +66,10 @@ def _boxed_params(module: nn.Module, seq_len: int) -> Dict[str, Any]:
                                          is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
 
 
-def _expert_axis(box) -> Optional[int]:
-  """Index of the "expert" logical axis of a boxed param, or None."""
+def _expert_axis(box, name: str) -> Optional[int]:
+  """Index of the logical axis `name` of a boxed param, or None."""
   names = getattr(box, "names", ())
-  return names.index("expert") if "expert" in names else None
+  return names.index(name) if name in names else None
 
 
 def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
@@ -81,8 +81,8 @@ def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
   expert = inactive = 0
   for path, n in size.items():
     kind = next((part for part in path.split("/") if part in sublayers), None)
-    axis = _expert_axis(boxes[path])
-    if kind is None or axis is None:
+    axis = None if kind is None else _expert_axis(boxes[path], sublayers[kind].expert_axis)
+    if axis is None:
       continue
     num_experts = nn.meta.unbox(boxes[path]).shape[axis]
     k = min(sublayers[kind].experts_per_token(seq_len), num_experts)

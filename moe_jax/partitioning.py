@@ -97,6 +97,7 @@ def standard_rules(fsdp: bool = False) -> Rules:
       ("group", BATCH_AXES),
       ("length", None),
       ("expert", "expert"),
+      ("attention_expert", None),  # SwitchHead's few experts per head: small, replicated
       ("expert_mlp", "model"),
       ("mlp", "model"),
       ("heads", "model"),
@@ -186,13 +187,17 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
   if batch_size % split:
     raise checks.SettingError(f"batch size {batch_size} is not divisible by the batch-sharding mesh axes "
                      f"({dict(rules)['batch']}: {split} devices); use a multiple of {split}.")
-  layer = module.sparse_sublayers().get("moe") if hasattr(module, "sparse_sublayers") else None
+  sparse = module.sparse_sublayers() if hasattr(module, "sparse_sublayers") else {}
+  for kind, sublayer in sparse.items():  # every sparse sub-layer's experts vs their mesh axes
+    split = logical_axis_size(mesh, rules, sublayer.expert_axis)
+    if sublayer.num_experts % split:
+      raise checks.SettingError(
+          f"num_experts={sublayer.num_experts} of the {kind} sub-layer is not divisible by the "
+          f"mesh axes of its '{sublayer.expert_axis}' logical axis ({split} devices); choose a "
+          f"multiple of {split} experts or a smaller axis.")
+  layer = sparse.get("moe")
   if layer is not None:
-    num_experts = layer.num_experts
     e = logical_axis_size(mesh, rules, "expert")
-    if num_experts % e:
-      raise checks.SettingError(f"num_experts={num_experts} is not divisible by the 'expert' mesh axis "
-                       f"({e} devices); choose a multiple of {e} experts or a smaller axis.")
     if layer.layout == "grouped" and layer.num_expert_partitions != e:
       raise checks.SettingError(
           f"num_expert_partitions={layer.num_expert_partitions} but the mesh splits the experts "

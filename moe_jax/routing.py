@@ -195,10 +195,11 @@ class Router(nn.Module):
   losses, metrics and records read.
 
   Declared properties (class attributes or properties of the subclass):
-    kind: label of its decisions in routing records.
+    kind: label of its decisions in routing records (required).
     dispatches: the layer's `dispatch` settings its decisions support.
-    causal: a token's routing depends on no later token, so decoding token by token
-      reproduces the forward pass (False: refused by decoding).
+    is_causal(dropless): a token's routing depends on no later token, so decoding token by
+      token reproduces the forward pass (False: refused by decoding); `dropless`: no capacity
+      limits the routing (batch priority, for one, only orders capacity queues).
     mixes_tokens: a token's output carries other tokens' content (Soft MoE): refused in causal
       (decoder-only) models, where it would show each position its future.
     experts_per_token(num_experts, group_size): expert applications per token on average
@@ -207,10 +208,19 @@ class Router(nn.Module):
       capacity itself, or its own fixed number: Soft MoE).
     check_num_experts(num_experts): raises if it cannot route over that many experts.
   """
-  kind = "token_choice"
+  kind = None  # every router sets it (a class attribute, not a field)
   dispatches = ("einsum", "gather", "dropless")
-  causal = True
   mixes_tokens = False
+
+  def __post_init__(self):
+    if not isinstance(type(self).kind, str):
+      raise TypeError(f"{type(self).__name__} must set the class attribute `kind` (its label in "
+                      "routing records), as the Router contract says.")
+    super().__post_init__()
+
+  def is_causal(self, dropless: bool) -> bool:
+    del dropless
+    return True
 
   def experts_per_token(self, num_experts: int, group_size: int) -> float:
     del num_experts, group_size
@@ -222,6 +232,37 @@ class Router(nn.Module):
   def check_num_experts(self, num_experts: int) -> None:
     """Raises if the router cannot route over `num_experts` (called when the layer is built)."""
     _check_experts(num_experts, self.num_selected_experts)
+
+
+class SparseSublayer:
+  """Mixin: the sparse sub-layer protocol that model.py reads (moe_layer.MoeLayer,
+  switchhead.SwitchHeadAttention), from the sub-layer's `router` and `num_experts` fields.
+
+    causal / mixes_tokens: its router's (model.check_sublayer refuses what does not fit).
+    experts_per_token(seq_len): the router's k for this sub-layer's routing groups.
+    recorded_experts: experts as its routing records number them.
+    expert_axis: the logical axis of its expert weights (the parameter counter's k / E).
+  """
+  expert_axis = "expert"
+  dropless = True  # no capacity limits its routing
+
+  @property
+  def causal(self) -> bool:
+    return self.router.is_causal(self.dropless)
+
+  @property
+  def mixes_tokens(self) -> bool:
+    return self.router.mixes_tokens
+
+  @property
+  def recorded_experts(self) -> int:
+    return self.num_experts
+
+  def routing_group_size(self, seq_len: int) -> int:
+    return seq_len
+
+  def experts_per_token(self, seq_len: int) -> float:
+    return self.router.experts_per_token(self.num_experts, self.routing_group_size(seq_len))
 
 
 def default_router_init():
@@ -313,12 +354,13 @@ class TokenChoiceRouter(Router):
   expert_bias_update_rate: float = 0.0
   kernel_init: nn.initializers.Initializer = default_router_init()
 
+  kind = "token_choice"
   dispatches = ("einsum", "gather", "dropless")
 
-  @property
-  def causal(self) -> bool:
-    # Batch-prioritized routing lets later tokens take earlier tokens' slots.
-    return not self.batch_prioritized
+  def is_causal(self, dropless: bool) -> bool:
+    # Batch-prioritized routing lets later tokens take earlier tokens' slots; without a
+    # capacity there are no slots to take.
+    return dropless or not self.batch_prioritized
 
   def __post_init__(self):
     _check_experts(None, self.num_selected_experts)
@@ -435,7 +477,9 @@ class ExpertChoiceRouter(Router):
   kernel_init: nn.initializers.Initializer = default_router_init()
   kind = "expert_choice"
   dispatches = ("einsum", "gather")  # a fixed capacity by construction: never dropless
-  causal = False
+
+  def is_causal(self, dropless: bool) -> bool:
+    return False  # an expert picks among the whole group, future tokens included
 
   def __post_init__(self):
     _check_experts(None, self.num_selected_experts)

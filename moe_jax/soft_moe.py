@@ -15,7 +15,10 @@ causal (decoder-only) models refuse it (`mixes_tokens`); it is for encoders and 
 Capacity: the slots per expert are the router's `slots_per_expert` (fixed by Φ's shape), not
 the layer's capacity factor; the `capacity` metric reports them. Per token the experts apply
 E·p / S times on average (the parameter counter's k). Balanced by construction: no aux loss,
-and no z-loss (the paper uses neither).
+and no z-loss (the paper uses neither). A routing group is the layer's (`group_size`, or one
+sequence): with packed sequences or a group_size spanning rows, slots mix tokens of different
+examples, as they do in Soft MoE's image batches; give each example its own group where that
+matters. No preset uses it yet: the shipped models are decoder-only, which refuse it.
 """
 from __future__ import annotations
 
@@ -70,8 +73,10 @@ class SoftRouter(Router):
   normalize: bool = True
   kind = "soft"
   dispatches = ("einsum",)
-  causal = False
   mixes_tokens = True
+
+  def is_causal(self, dropless: bool) -> bool:
+    return False
 
   def __post_init__(self):
     if self.slots_per_expert < 1:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from moe_jax.attention import Attention
 from moe_jax.moe_layer import ROUTING_RECORDS, MoeAux, routing_metrics, routing_record
-from moe_jax.routing import Router, RouterOutput, TokenChoiceRouter
+from moe_jax.routing import Router, RouterOutput, SparseSublayer, TokenChoiceRouter
 
 Array = jax.Array
 
@@ -42,7 +42,7 @@ def default_router() -> Router:
   return TokenChoiceRouter(num_selected_experts=2, score_function="sigmoid")
 
 
-class SwitchHeadAttention(Attention):
+class SwitchHeadAttention(SparseSublayer, Attention):
   """Multi-head attention with E value experts and E output experts per head (module doc).
 
   Attributes (besides Attention's; num_kv_heads must be None or num_heads):
@@ -50,7 +50,7 @@ class SwitchHeadAttention(Attention):
     router: the routers' template (None: top-2 sigmoid token choice); each head and side
       gets its own copy and weights.
   Params: query, key [H, N, D] as in Attention; value [E, H, N, D] and out [E, N, D, H]
-  (logical axes expert, embed, heads, kv); source_router_h / destination_router_h.
+  (logical axes attention_expert, embed, heads, kv); source_router_h / destination_router_h.
   """
   num_experts: int = 4
   router: Optional[Router] = None
@@ -68,21 +68,14 @@ class SwitchHeadAttention(Attention):
     self.router.check_num_experts(self.num_experts)
     super().__post_init__()
 
-  # --- the sparse sub-layer protocol (model.py) ------------------------------------------
-  @property
-  def causal(self) -> bool:
-    return self.router.causal
-
-  @property
-  def mixes_tokens(self) -> bool:
-    return self.router.mixes_tokens
+  # The sparse sub-layer protocol (routing.SparseSublayer): routed without capacity; its own
+  # logical axis for the few experts per head, replicated by the standard rules (they are
+  # small, and the heads already split over the model axis).
+  expert_axis = "attention_expert"
 
   @property
   def recorded_experts(self) -> int:
     return 2 * self.num_heads * self.num_experts  # (side · N + head) · E + e
-
-  def experts_per_token(self, seq_len: int) -> float:
-    return self.router.experts_per_token(self.num_experts, seq_len)
 
   # --- the layer --------------------------------------------------------------------------
   @nn.compact
@@ -101,14 +94,14 @@ class SwitchHeadAttention(Attention):
 
     def values():  # [B, L, N, D]: each head's gated mixture of its value experts
       w_v = self.param("value", nn.with_logical_partitioning(
-          _expert_init(in_axis=1, out_axis=(2, 3)), ("expert", "embed", "heads", "kv")),
+          _expert_init(in_axis=1, out_axis=(2, 3)), (self.expert_axis, "embed", "heads", "kv")),
           (e, h, n, d), jnp.float32)
       return switchhead_values(x, w_v.astype(self.dtype), source_gates.astype(self.dtype))
 
     out = self.attend(x, values, positions=positions, segment_ids=segment_ids,
                       prefix_mask=prefix_mask, deterministic=deterministic, decode=decode)
     w_o = self.param("out", nn.with_logical_partitioning(
-        _expert_init(in_axis=(1, 2), out_axis=3), ("expert", "heads", "kv", "embed")),
+        _expert_init(in_axis=(1, 2), out_axis=3), (self.expert_axis, "heads", "kv", "embed")),
         (e, n, d, h), jnp.float32)
     y = switchhead_output(out, w_o.astype(self.dtype), destination_gates.astype(self.dtype))
     return y, self._aux(source, destination, mask)

@@ -86,7 +86,9 @@ def test_eos_pads_the_rest_and_expert_choice_is_refused():
   with pytest.raises(ValueError, match=r"the moe sub-layer's router \(ExpertChoiceRouter\) is "
                      r"not causal .* cannot decode token by token"):
     decoding.generate(load("expert_choice_tiny"), variables, prompt, max_new_tokens=2)
-  # The same refusal from the router's `causal` property alone: batch-prioritized routing.
+  # The same refusal from the router's `is_causal` alone: batch priority with a capacity (its
+  # queues let later tokens take earlier tokens' slots), but not when dropless (no queues).
+  bpr = "routing.TokenChoiceRouter.batch_prioritized = True"
   with pytest.raises(ValueError, match=r"\(TokenChoiceRouter\) is not causal"):
-    decoding.generate(load("mixtral_8x7b_tiny", "routing.TokenChoiceRouter.batch_prioritized = True"),
-                      variables, prompt, max_new_tokens=2)
+    decoding.generate(load("st_moe_tiny", bpr), variables, prompt, max_new_tokens=2)
+  load("mixtral_8x7b_tiny", bpr).check_decodable()  # dropless: causal

@@ -356,3 +356,48 @@ def test_bad_input_shapes_raise_clear_errors():
     jax.eval_shape(lambda: _init(layer, x, mask[:, :-1]))
   with pytest.raises(ValueError, match=r"expects x of shape \[batch, length, d_model\]"):
     jax.eval_shape(lambda: _init(layer, x[0], mask))
+
+
+class HashRouter(routing.Router):
+  """A router written against the contract alone: token s of a group goes to expert s mod E
+  (a hash layer in miniature), gate 1. Nothing else in the library knows about it."""
+  num_selected_experts = 1
+  kind = "hash"
+
+  @nn.compact
+  def __call__(self, x, padding_mask, num_experts, capacity, deterministic):
+    g, s, _ = x.shape
+    expert = jnp.broadcast_to((jnp.arange(s) % num_experts)[None, :, None], (g, s, 1))
+    valid = (jnp.ones((g, s), bool) if padding_mask is None else padding_mask > 0)[..., None]
+    position = routing.queue_positions(expert, valid, num_experts)
+    kept = valid if capacity is None else valid & (position < capacity)
+    one_hot = jax.nn.one_hot(expert[..., 0], num_experts) * valid
+    zero = jnp.zeros((), jnp.float32)
+    return routing.RouterOutput(
+        routing=routing.TokenChoiceRouting(expert.astype(jnp.int32), kept.astype(jnp.float32),
+                                           position, kept),
+        logits=jnp.zeros(one_hot.shape), probs=jax.nn.one_hot(expert[..., 0], num_experts),
+        selected=one_hot, admitted=one_hot, kept=one_hot * kept, aux_loss=zero, z_loss=zero)
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "dropless"])
+def test_a_router_written_against_the_contract_runs_every_dispatch(dispatch):
+  x, mask = _inputs()
+  layer = moe_layer.MoeLayer(HashRouter(), E, F, activation="relu", dispatch=dispatch,
+                             train_capacity_factor=4.0, eval_capacity_factor=4.0)
+  variables = _init(layer, x, mask)
+  y, aux = jax.jit(lambda v: layer.apply(v, x, mask, True))(variables)
+  weights = _np_params(variables)["experts"]
+  want = np.zeros(x.shape)
+  for b, t in zip(*np.nonzero(mask)):
+    want[b, t] = ref.expert_ffn(np.asarray(x[b, t], np.float64), t % E, weights, "relu")
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert float(aux.metrics["dropped_fraction"]) == 0.0
+
+
+def test_a_router_must_declare_its_kind():
+  class Unlabelled(routing.Router):
+    num_selected_experts = 1
+
+  with pytest.raises(TypeError, match=r"Unlabelled must set the class attribute `kind`"):
+    Unlabelled()

@@ -103,6 +103,9 @@ def test_bad_settings_name_the_field():
     SwitchHeadAttention(num_heads=2, num_kv_heads=1)
   with pytest.raises(ValueError, match=r"num_selected_experts .*\[1, num_experts=4\].*5"):
     _layer(k=5)
+  with pytest.raises(ValueError, match=r"qkv_bias applies to the default Attention"):
+    config.load_model(["gin_configs/models/switchhead_tiny.gin"],
+                      ["model.Decoder.qkv_bias = True"])
 
 
 def test_switchhead_tiny_counts_and_losses_per_sublayer():
@@ -125,11 +128,10 @@ def test_switchhead_tiny_counts_and_losses_per_sublayer():
   toks = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 1, v)
   batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, axis=1))
   variables = jax.jit(module.init)(jax.random.PRNGKey(1), toks)
-  _, stats = module.apply(variables, toks)
-  assert stats["attention/aux_loss"].shape == (4,) and stats["aux_loss"].shape == (2,)
-  _, metrics = lm.loss(variables, batch, deterministic=True)
-  all_aux = np.concatenate([stats["aux_loss"], stats["attention/aux_loss"]])
-  np.testing.assert_allclose(metrics["loss/aux_loss"], all_aux.mean(), rtol=1e-6)
+  _, metrics = jax.jit(lambda v_: lm.loss(v_, batch, deterministic=True))(variables)
+  all_aux = ([metrics[f"moe_attention/layer_{i}/aux_loss"] for i in range(4)]
+             + [metrics[f"moe/layer_{i}/aux_loss"] for i in (1, 3)])
+  np.testing.assert_allclose(metrics["loss/aux_loss"], np.mean(all_aux), rtol=1e-6)
   assert metrics["moe_attention/layer_2/expert_load_after"].shape == (4,)
   assert "moe/layer_3/dropped_fraction" in metrics and "moe/layer_2/dropped_fraction" not in metrics
 
@@ -142,13 +144,15 @@ def test_switchhead_routing_records():
   targets[1, 12:] = 0  # padding
   batch = {"decoder_input_tokens": toks, "decoder_target_tokens": targets}
   variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), jnp.asarray(toks))
-  records = recorder.record_routing(lm, variables, [batch], sublayer="attention")
+  apply_fn = recorder.make_apply_fn(lm)  # one compiled pass records both kinds
+  records = recorder.record_routing(lm, variables, [batch], sublayer="attention",
+                                    apply_fn=apply_fn)
   assert records.layer_ids == (0, 1, 2, 3) and records.num_experts == 2 * 4 * 4
   assert records.num_tokens == 28 and records.expert.shape == (4, 28, 2 * 4 * 2)
   # Router r = side · N + head owns experts [r·E, (r+1)·E); each chooses k = 2 of its own.
   owner = np.asarray(records.expert) // 4
   assert (owner == np.repeat(np.arange(8), 2)[None, None]).all()
-  ffn = recorder.record_routing(lm, variables, [batch])
+  ffn = recorder.record_routing(lm, variables, [batch], apply_fn=apply_fn)
   assert ffn.layer_ids == (1, 3) and ffn.num_experts == 8
   with pytest.raises(ValueError, match=r"sublayer 'mlp' is not a sparse sub-layer of this model; "
                                        r"choose one of \('attention', 'moe'\)"):

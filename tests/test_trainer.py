@@ -57,7 +57,9 @@ def _run(flags, timeout=600):
 
 
 def _losses(model_dir):
-  rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))]
+  # A running trainer may be mid-way through its last line: read whole lines only.
+  rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))
+          if l.endswith("\n")]
   return {r["step"]: r["loss/total"] for r in rows if r["split"] == "train"}
 
 

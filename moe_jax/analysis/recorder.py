@@ -56,7 +56,7 @@ def _layer_records(tree, module, sublayer: str = "moe") -> Iterator[Tuple[int, d
     if not path or path[-1] != sublayer:
       continue
     if path[0] == "layers":  # scanned
-      period = module.moe_every
+      period = module.scan_period
       j = int(re.fullmatch(r"block_(\d+)", path[1]).group(1))
       units = next(iter(record.values())).shape[0]
       found += [(u * period + j, {k: v[u] for k, v in record.items()}) for u in range(units)]

@@ -146,6 +146,9 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) 
 
 def params_to_hf(params: Mapping, module: Decoder, kind: str) -> Dict[str, np.ndarray]:
   """Our (unrolled) param tree -> flat HF state dict (the inverse of `hf_to_params`)."""
+  if module.attention_layer is not None:
+    raise ValueError("this model's attention is not the standard one (attention_layer is set, "
+                     "e.g. SwitchHead): Hugging Face's Mixtral / Qwen2-MoE have no such layer.")
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   h = module.d_model
   out = {"model.embed_tokens.weight": a(params["token_embed"]["embedding"]),
