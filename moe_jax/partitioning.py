@@ -192,9 +192,9 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
     split = logical_axis_size(mesh, rules, sublayer.expert_axis)
     if sublayer.num_experts % split:
       raise checks.SettingError(
-          f"num_experts={sublayer.num_experts} of the {kind} sub-layer is not divisible by the "
-          f"mesh axes of its '{sublayer.expert_axis}' logical axis ({split} devices); choose a "
-          f"multiple of {split} experts or a smaller axis.")
+          f"num_experts={sublayer.num_experts} is not divisible by the "
+          f"'{sublayer.expert_axis}' mesh axis ({split} devices, splitting the {kind} "
+          f"sub-layer's experts); choose a multiple of {split} experts or a smaller axis.")
   layer = sparse.get("moe")
   if layer is not None:
     e = logical_axis_size(mesh, rules, "expert")

@@ -99,6 +99,20 @@ def test_tiny_preset_trains(name):
   assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= 0.9 * len(norms)
   if lm.module.moe_layer is not None:
     assert "moe/dropped_fraction" in metrics and "loss/aux_loss" in metrics
+  # The losses average over every sparse sub-layer: the FFN's ("moe/") and the attention's
+  # ("moe_attention/", SwitchHead), each reported per layer.
+  ids = lm.module.sparse_layer_ids()
+  per_layer = [metrics[f"{'moe' if kind == 'moe' else 'moe_' + kind}/layer_{i}/{loss}"]
+               for loss in ("aux_loss", "z_loss") for kind in ids for i in ids[kind]]
+  if per_layer:
+    half = len(per_layer) // 2
+    np.testing.assert_allclose(metrics["loss/aux_loss"], np.mean(per_layer[:half]), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/router_z_loss"], np.mean(per_layer[half:]),
+                               rtol=1e-5)
+  if name == "switchhead":
+    assert ids == {"attention": (0, 1, 2, 3), "moe": (1, 3)}
+    assert metrics["moe_attention/layer_2/expert_load_after"].shape == (4,)
+    assert "moe/layer_2/dropped_fraction" not in metrics
 
 
 @pytest.mark.parametrize("binding,match", [
