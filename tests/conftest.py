@@ -17,6 +17,10 @@ os.environ.setdefault("MOE_JAX_TFDS_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"), "moe_jax_tests", _RUN_ID))
 # TensorFlow (data tests only) must not grab every core's threads or print CUDA noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One compilation cache per test run, shared by the workers and the CLI subprocesses they
+# start: the trainer, multi-host and notebook tests compile the same tiny programs many times.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ["MOE_JAX_TFDS_DIR"], "jax_cache"))
 
 import sys  # noqa: E402
 
