@@ -181,6 +181,8 @@ def test_bad_command_lines_fail_before_anything_compiles(command, flags, message
      "--compare_steps=latest: choose first, all, none or a comma list of steps"),
     (["--task=local_code_lm_8k", "--capacity_factors=1,x"],
      "--capacity_factors=1,x: give a comma list of finite numbers > 0"),
+    (["--task=local_code_lm_8k", "--sublayer=attention"],
+     "--sublayer 'attention' is not a sparse sub-layer of this model; choose one of ('moe',)"),
 ])
 def test_analyze_refuses_empty_or_unknown_inputs(argv, message, tmp_path):
   from moe_jax import analyze  # pylint: disable=g-import-not-at-top

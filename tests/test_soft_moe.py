@@ -67,6 +67,8 @@ def test_soft_moe_matches_numpy(normalize):
 
 
 def test_soft_moe_is_refused_where_it_does_not_apply():
+  with pytest.raises(ValueError, match=r"slots_per_expert must be >= 1, got 0"):
+    SoftRouter(slots_per_expert=0)
   with pytest.raises(ValueError, match=r"dispatch='gather' does not apply to SoftRouter \(kind "
                                        r"'soft'\); it supports dispatch in \('einsum',\)"):
     moe_layer.MoeLayer(SoftRouter(), E, F, dispatch="gather")

@@ -103,6 +103,8 @@ def test_bad_settings_name_the_field():
     SwitchHeadAttention(num_heads=2, num_kv_heads=1)
   with pytest.raises(ValueError, match=r"num_selected_experts .*\[1, num_experts=4\].*5"):
     _layer(k=5)
+  with pytest.raises(ValueError, match=r"num_experts must be >= 1, got 0"):
+    SwitchHeadAttention(num_heads=2, num_experts=0)
   with pytest.raises(ValueError, match=r"qkv_bias applies to the default Attention"):
     config.load_model(["gin_configs/models/switchhead_tiny.gin"],
                       ["model.Decoder.qkv_bias = True"])
