@@ -59,8 +59,10 @@ def _parse(argv) -> Tuple[argparse.Namespace, List[str], List[str]]:
   parser.add_argument("--min_count", type=int, default=10,
                       help="occurrences a token id needs to enter the per-token analyses")
   parser.add_argument("--out", default=None)
-  parser.add_argument("--sublayer", default="moe",
-                      help="sparse sub-layers to record: moe (the FFN) or attention (SwitchHead)")
+  parser.add_argument("--sublayer", default=None,
+                      help="sparse sub-layers to record: moe (the FFN) or attention (SwitchHead); "
+                           "an encoder-decoder's encoder/moe or decoder/moe. Default: the "
+                           "first sparse sub-layer (moe; encoder/moe)")
   args = parser.parse_args(rest)
   if not args.task and not args.texts_file:
     parser.error("give at least one --task=LABEL=TASK or a --texts_file.")
@@ -139,7 +141,8 @@ def _compare_steps(spec: str, available: List[int], step: int) -> List[int]:
 
 
 def task_batches(tasks: Dict[str, str], sequence_length: int, batch_size: int,
-                 max_tokens: int) -> Tuple[Dict[str, list], object]:
+                 max_tokens: int, features: str = "decoder_only"
+                 ) -> Tuple[Dict[str, list], object]:
   """({label: numpy batches of the task's validation split, enough for max_tokens}, the first
   task's vocabulary). Needs the data side (tasks/)."""
   from tasks import pipeline  # pylint: disable=g-import-not-at-top  (the data side)
@@ -148,7 +151,7 @@ def task_batches(tasks: Dict[str, str], sequence_length: int, batch_size: int,
   rows_needed = -(-max_tokens // sequence_length)
   for label, task in tasks.items():
     ds = pipeline.get_dataset(task, sequence_length, batch_size, split="validation",
-                              shuffle=False)
+                              shuffle=False, features=features)
     batches, rows = [], 0
     for batch in ds.as_numpy_iterator():
       batches.append(batch)
@@ -183,12 +186,13 @@ def _texts(path: str) -> List[str]:
   return texts
 
 
-def _sources(args, tasks: Dict[str, str], vocab_size: int
+def _sources(args, tasks: Dict[str, str], vocab_size: int, features: str = "decoder_only"
              ) -> Tuple[Dict[str, list], Callable[[int], str]]:
   """{label: numpy batches} and a token id -> piece decoder."""
   from tasks import registry  # pylint: disable=g-import-not-at-top
   from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  sources, vocab = task_batches(tasks, args.sequence_length, args.batch_size, args.max_tokens)
+  sources, vocab = task_batches(tasks, args.sequence_length, args.batch_size, args.max_tokens,
+                                features)
   if args.vocabulary:
     vocab = vocab_lib.get_vocabulary(args.vocabulary)
   if args.texts_file:
@@ -197,7 +201,7 @@ def _sources(args, tasks: Dict[str, str], vocab_size: int
       vocab = vocab_lib.get_vocabulary(registry.vocabulary_of_size(vocab_size))
     encode = vocab_lib.without_extra_ids(vocab).encode
     sources["texts"] = list(recorder.text_batches(texts, encode, args.sequence_length,
-                                                  args.batch_size))
+                                                  args.batch_size, features=features))
   return sources, piece_decoder(vocab)
 
 
@@ -239,6 +243,7 @@ def analyze(argv=None) -> str:
   sparse = model.module.sparse_sublayers()
   if not sparse:
     raise SystemExit("the model has no MoE layers: nothing to analyse.")
+  args.sublayer = args.sublayer or ("moe" if "moe" in sparse else next(iter(sparse)))
   if args.sublayer not in sparse:
     raise checks.SettingError(f"--sublayer {args.sublayer!r} is not a sparse sub-layer of this "
                               f"model; choose one of {tuple(sparse)}.")
@@ -258,7 +263,8 @@ def analyze(argv=None) -> str:
   latest = args.step if args.step is not None else (available[-1] if available else None)
   compare = _compare_steps(args.compare_steps, available, latest)  # checked before any write
   out = args.out or os.path.join(model_dir, "routing_report")
-  sources, decode = _sources(args, tasks, model.module.vocab_size)
+  sources, decode = _sources(args, tasks, model.module.vocab_size,
+                             trainer.model_features(model))
   variables, step = load_variables(model, ckpt_dir, args.step, args.sequence_length)
   records = record_all(model, variables, sources, args.max_tokens, step, sublayer=args.sublayer)
   os.makedirs(out, exist_ok=True)

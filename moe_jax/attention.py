@@ -9,6 +9,10 @@ RoPE follows the "rotate half" convention of GPT-NeoX, Llama and Mixtral (the fi
 second halves of each head are the two coordinates of a rotated pair), with inverse
 frequencies θ^(−2i/D): Hugging Face checkpoints load without permuting Wq, Wk.
 
+Positions: RoPE at `rope_theta`, or none (rope_theta=None) with an additive `position_bias`
+[B or 1, N, Lq, Lk] from the caller (T5's relative position buckets, shared by a whole stack:
+`moe_jax/encoder_decoder.py`).
+
 Masks (`attention_mask`): causal; optionally bidirectional among the positions flagged by
 `prefix_mask` (prefix LM, UL2 inputs); optionally restricted to one packed segment.
 
@@ -75,7 +79,7 @@ class Attention(nn.Module):
   num_heads: int
   num_kv_heads: Optional[int] = None
   head_dim: Optional[int] = None
-  rope_theta: float = 10000.0
+  rope_theta: Optional[float] = 10000.0   # None: no rotary embedding
   qkv_bias: bool = False
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -97,9 +101,10 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               padding_mask: Optional[Array] = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
-    """x [B, L, H]; positions [B, L] (RoPE; default 0..L-1); segment_ids, prefix_mask [B, L].
+               padding_mask: Optional[Array] = None, position_bias: Optional[Array] = None,
+               deterministic: bool = True, decode: bool = False) -> Array:
+    """x [B, L, H]; positions [B, L] (RoPE; default 0..L-1); segment_ids, prefix_mask [B, L];
+    position_bias [B or 1, N, L, L (the cache length when decoding)] added to the logits.
 
     padding_mask is for sparse subclasses (their routing statistics); plain attention masks
     by segments and ignores it.
@@ -109,7 +114,8 @@ class Attention(nn.Module):
     out = self.attend(x, lambda: self.project(x, "value", self.kv_heads,
                                               ("embed", "kv_heads", "kv")),
                       positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-                      deterministic=deterministic, decode=decode)  # [B, L, N, D]
+                      position_bias=position_bias, deterministic=deterministic,
+                      decode=decode)  # [B, L, N, D]
     w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
                        (self.num_heads, out.shape[-1], x.shape[-1]), jnp.float32)
     return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
@@ -130,7 +136,8 @@ class Attention(nn.Module):
     return y
 
   def attend(self, x: Array, values: Callable[[], Array], *, positions, segment_ids,
-             prefix_mask, deterministic: bool, decode: bool) -> Array:
+             prefix_mask, deterministic: bool, decode: bool,
+             position_bias: Optional[Array] = None) -> Array:
     """The heads' outputs a [B, L, N, D] = softmax(q kᵀ / √D + mask) v, before the output
     projection. `values()` gives v [B, L, K, D]; it is called after the query and key
     projections (parameter creation order fixes the initial values)."""
@@ -152,9 +159,9 @@ class Attention(nn.Module):
       positions = query_index  # decoding: one unpacked sequence per row
       if segment_ids is not None:
         raise ValueError("segment_ids (packing) are not supported with decode=True.")
-    q = rotary_embedding(q, positions, self.rope_theta)
+    q = self._rotate(q, positions)
     if not decode:
-      key = rotary_embedding(key, positions, self.rope_theta)
+      key = self._rotate(key, positions)
     mask = attention_mask(query_index, key_index, query_segments=segment_ids,
                           key_segments=key_segments, query_prefix=prefix_mask,
                           key_prefix=key_prefix, key_valid=key_valid)
@@ -162,10 +169,16 @@ class Attention(nn.Module):
     # Grouped heads: q [B, L, K, N/K, D] so that query head n reads kv head n // (N/K).
     q = q.reshape(batch, length, k, n // k, d)
     logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * d**-0.5
+    if position_bias is not None:  # [B or 1, N, L, M] -> the grouped heads' [.., K, N/K, L, M]
+      logits = logits + position_bias.astype(jnp.float32).reshape(
+          (position_bias.shape[0], k, n // k) + position_bias.shape[2:])
     logits = jnp.where(mask[:, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     return jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
+
+  def _rotate(self, x: Array, positions: Array) -> Array:
+    return x if self.rope_theta is None else rotary_embedding(x, positions, self.rope_theta)
 
   def _update_cache(self, key: Array, value: Array, prefix_mask: Optional[Array]):
     """Writes the new keys (rotated) and values at cache_index; returns the full cache."""
@@ -180,7 +193,7 @@ class Attention(nn.Module):
     max_length = cached_key.value.shape[1]
     offset = index.value if initialized else jnp.zeros((), jnp.int32)
     positions = offset + jnp.broadcast_to(jnp.arange(length), (batch, length))
-    key = rotary_embedding(key, positions, self.rope_theta)
+    key = self._rotate(key, positions)
     if initialized:
       if length > max_length:
         raise ValueError(f"{length} tokens do not fit the decoding cache of {max_length}.")

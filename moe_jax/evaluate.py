@@ -72,7 +72,8 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
                                                        target["extra"], step)
   eval_fn = jax.jit(lambda p, e, b: ts.eval_step(model, p, e, b))
   results = trainer.evaluate_tasks(eval_fn, _Weights(params, extra), tasks, device_mesh, rules,
-                                   sequence_length, batch_size, max_batches, seed)
+                                   sequence_length, batch_size, max_batches, seed,
+                                   features=trainer.model_features(model))
   print(trainer.eval_table(step, results), flush=True)
   if jax.process_index() == 0:
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),

@@ -26,7 +26,6 @@ import numpy as np
 from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import checks
 from moe_jax import config as config_lib
-from moe_jax import decoding
 from moe_jax import partitioning as part
 from moe_jax import trainer
 
@@ -96,15 +95,14 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
   for text in prompts:
     ids = vocab_lib.without_extra_ids(vocab).encode(text)
     requests.append({"prompt": text, "ids": mode + list(ids)})
-  requests += _task_requests(pipeline, vocab, task_names, num_examples, sequence_length, seed)
+  requests += _task_requests(pipeline, vocab, task_names, num_examples, sequence_length, seed,
+                             trainer.model_features(model))
   results = []
   for i, request in enumerate(requests):
     prompt = np.asarray([request["ids"]], np.int32)
-    prefix = np.ones_like(prompt) if mode else None
-    new, _ = decoding.generate(model.module, variables, prompt, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               rng=jax.random.PRNGKey(seed + i), eos_id=vocab.eos_id,
-                               prefix_mask=prefix)
+    new, _ = model.generate(variables, prompt, bidirectional_prompt=bool(mode),
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, rng=jax.random.PRNGKey(seed + i), eos_id=vocab.eos_id)
     result = {k: v for k, v in request.items() if k != "ids"}
     result["prediction"] = vocab.decode(np.asarray(new[0]).tolist())
     results.append(result)
@@ -118,12 +116,13 @@ def infer(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
 
 
 def _task_requests(pipeline, vocab, task_names: Sequence[str], num_examples: int,
-                   sequence_length: int, seed: int) -> list:
+                   sequence_length: int, seed: int, features: str = "decoder_only") -> list:
   """`num_examples` validation examples in all, taken from the tasks in turn: the inputs are
   the prompt (the prefix of an S-denoiser task), the targets what the document goes on with."""
   iterators = {name: pipeline.get_dataset(name, sequence_length, 1, split="validation",
-                                          seed=seed, shuffle=False, pack=False
-                                          ).as_numpy_iterator() for name in task_names}
+                                          seed=seed, shuffle=False, pack=False,
+                                          features=features).as_numpy_iterator()
+               for name in task_names}
   requests = []
   while iterators and len(requests) < num_examples:
     for name in list(iterators):
@@ -133,14 +132,19 @@ def _task_requests(pipeline, vocab, task_names: Sequence[str], num_examples: int
       if batch is None:
         del iterators[name]
         continue
-      causal = batch["decoder_causal_attention"][0]
-      tokens = batch["decoder_target_tokens"][0]
-      width = max(int(causal.sum()) - 1, 1)  # the inputs (causal marks one more position)
-      real = tokens[tokens > 0]
-      shown = real[1:width] if real[0] >= vocab.vocab_size - vocab.extra_ids else real[:width]
-      requests.append({"task": name, "prompt": vocab.decode(shown.tolist()),  # no mode token
-                       "targets": vocab.decode(real[width:].tolist()),
-                       "ids": real[:width].tolist()})
+      if features == "encoder_decoder":  # the inputs feed the encoder, the targets the decoder
+        inputs = batch["encoder_input_tokens"][0]
+        inputs, targets = inputs[inputs > 0], batch["decoder_target_tokens"][0]
+        targets = targets[targets > 0]
+      else:
+        causal = batch["decoder_causal_attention"][0]
+        tokens = batch["decoder_target_tokens"][0]
+        width = max(int(causal.sum()) - 1, 1)  # the inputs (causal marks one more position)
+        real = tokens[tokens > 0]
+        inputs, targets = real[:width], real[width:]
+      mode = len(inputs) and inputs[0] >= vocab.vocab_size - vocab.extra_ids
+      requests.append({"task": name, "prompt": vocab.decode(inputs[1 if mode else 0:].tolist()),
+                       "targets": vocab.decode(targets.tolist()), "ids": inputs.tolist()})
   iterators.clear()  # (partly read: TensorFlow says so as they go, while the console filters)
   return requests
 

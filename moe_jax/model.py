@@ -94,7 +94,13 @@ def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = N
 
 
 class DecoderBlock(nn.Module):
-  """One pre-norm transformer layer; `moe` set makes it sparse (module docstring)."""
+  """One pre-norm transformer layer; `moe` set makes it sparse (module docstring).
+
+  The encoder-decoder model (moe_jax/encoder_decoder.py) reuses it: its encoder blocks are
+  `bidirectional` (sparse sub-layers may mix tokens; the caller's prefix_mask is all ones),
+  and its decoder blocks have a `cross_attention` sub-layer between self-attention and FFN:
+      x += CrossAttention(norm(x), encoded)
+  """
   attention: Callable[..., nn.Module]
   mlp: Callable[..., nn.Module]
   moe: Optional[Callable[..., nn.Module]] = None
@@ -106,31 +112,42 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
   deterministic: bool = True
   decode: bool = False
+  cross_attention: Optional[Callable[..., nn.Module]] = None
+  bidirectional: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, positions, segment_ids, prefix_mask, padding_mask
+  def __call__(self, x: Array, positions, segment_ids, prefix_mask, padding_mask,
+               position_bias=None, encoded=None, encoded_segment_ids=None, encoded_mask=None
                ) -> Tuple[Array, Dict[str, MoeAux]]:
     """-> (x, {sub-layer kind: MoeAux} for its sparse sub-layers)."""
     # Arrays (or None) only as call arguments, the flags as fields: nn.remat-friendly.
     deterministic, decode = self.deterministic, self.decode
     norm = functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    check = lambda kind, layer: None if self.bidirectional else check_sublayer(kind, layer,
+                                                                               decode)
     auxes = {}
     h = norm(name="pre_attention_norm")(x)
     attention = self.attention(name="attention")
-    check_sublayer("attention", attention, decode)
+    check("attention", attention)
+    bias = {} if position_bias is None else {"position_bias": position_bias}
     y = attention(
         h, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-        padding_mask=padding_mask, deterministic=deterministic, decode=decode)
+        padding_mask=padding_mask, deterministic=deterministic, decode=decode, **bias)
     if is_sparse(attention):  # a sparse attention returns its MoeAux too
       y, auxes["attention"] = y
     x = x + drop(y)
+    if self.cross_attention is not None:
+      h = norm(name="pre_cross_attention_norm")(x)
+      x = x + drop(self.cross_attention(name="cross_attention")(
+          h, encoded, query_segment_ids=segment_ids, key_segment_ids=encoded_segment_ids,
+          key_mask=encoded_mask, deterministic=deterministic, decode=decode))
     h = norm(name="pre_mlp_norm")(x)
     if self.moe is None:
       y = self.mlp(name="mlp")(h, deterministic)
     else:
       moe = self.moe(name="moe")
-      check_sublayer("moe", moe, decode)
+      check("moe", moe)
       y, auxes["moe"] = moe(h, padding_mask, deterministic)
       if self.moe_dense_ffn == "parallel":
         y = y + self.mlp(name="mlp")(h, deterministic)
@@ -279,6 +296,12 @@ class Decoder(nn.Module):
     return {kind: layer for kind, layer in sublayers.items() if is_sparse(layer)}
 
   @nn.nowrap
+  def with_moe_settings(self, **settings) -> "Decoder":
+    """A copy whose MoE FFN layers get `settings` (e.g. eval_capacity_factor) over the
+    factory's."""
+    return self.clone(moe_layer=functools.partial(self.moe_layer, **settings), parent=None)
+
+  @nn.nowrap
   def sparse_layer_ids(self) -> Dict[str, Tuple[int, ...]]:
     """{sub-layer kind: the layers where it is sparse}."""
     ids = {"moe": self.moe_ids, "attention": tuple(range(self.num_layers))}
@@ -345,7 +368,7 @@ class Decoder(nn.Module):
       # Per kind, per sparse block of the unit, leaves [U, ...] -> layer order (unit-major).
       auxes = {kind: jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]), *a)
                for kind, a in unit_auxes.items()}
-      stats = _stats(auxes, stacked=True)
+      stats = stats_of(auxes, stacked=True)
     else:
       auxes = {}
       for i in range(self.num_layers):
@@ -353,7 +376,7 @@ class Decoder(nn.Module):
             x, positions, segment_ids, prefix_mask, padding_mask)
         for kind, aux in block_auxes.items():
           auxes.setdefault(kind, []).append(aux)
-      stats = _stats(auxes, stacked=False)
+      stats = stats_of(auxes, stacked=False)
     x = RMSNorm(self.norm_epsilon, self.dtype, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x) * self.d_model**-0.5
@@ -365,7 +388,7 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32), stats
 
 
-def _stats(auxes: Dict[str, Any], stacked: bool) -> Dict[str, Array]:
+def stats_of(auxes: Dict[str, Any], stacked: bool) -> Dict[str, Array]:
   """{kind: MoeAux list (or one already-stacked MoeAux)} -> {name: [num_sparse_layers, ...]},
   the FFN's ("moe") names plain, the attention's prefixed with ATTENTION_STATS."""
   stats = {}
@@ -406,6 +429,7 @@ class DecoderOnlyLM:
   aux_loss_weight: float = 0.01
   router_z_loss_weight: float = 1e-3
   logits_z_loss: float = 0.0
+  features = "decoder_only"  # the data pipeline's layout (tasks/pipeline.get_dataset)
 
   def apply(self, variables, batch: Mapping[str, Array], *, deterministic: bool,
             rngs=None, mutable=False, decode: bool = False):
@@ -416,34 +440,54 @@ class DecoderOnlyLM:
         padding_mask=_padding_mask(batch), deterministic=deterministic, decode=decode,
         rngs=rngs, mutable=mutable)
 
+  def generate(self, variables, prompt: Array, *, bidirectional_prompt: bool = False,
+               **sampling):
+    """Continues `prompt` [B, P] (decoding.generate's sampling settings); the prompt attended
+    bidirectionally (prefix LM, UL2's mode-token prompts) with `bidirectional_prompt`."""
+    from moe_jax import decoding  # pylint: disable=g-import-not-at-top  (decoding imports us)
+    prefix = jnp.ones_like(prompt) if bidirectional_prompt else None
+    return decoding.generate(self.module, variables, prompt, prefix_mask=prefix, **sampling)
+
   def loss(self, variables, batch: Mapping[str, Array], *, deterministic: bool = False,
            rngs=None, mutable=False):
     """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
     out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
     returns_state = mutable is not False  # flax: any collection list, even [], returns state
     (logits, stats), updates = out if returns_state else (out, None)
-    weights = batch.get("decoder_loss_weights")
-    if weights is None:
-      weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
-    weights = weights.astype(jnp.float32)
-    nll, log_z, num_tokens = cross_entropy(logits, batch["decoder_target_tokens"], weights)
-    denom = jnp.maximum(num_tokens, 1.0)
-    ce = jnp.sum(nll * weights) / denom
-    z = jnp.sum(jnp.square(log_z) * weights) / denom
-    total = ce + self.logits_z_loss * z
-    metrics = {"loss/cross_entropy": ce, "loss/logits_z_loss": z, "num_tokens": num_tokens,
-               "accuracy": jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"])
-                                   * weights) / denom}
-    if stats:
-      # Means over every sparse sub-layer, FFN and attention alike.
-      aux, rz = (jnp.mean(jnp.concatenate([v for name, v in stats.items()
-                                           if name.rsplit("/", 1)[-1] == loss]))
-                 for loss in ("aux_loss", "z_loss"))
-      total = total + self.aux_loss_weight * aux + self.router_z_loss_weight * rz
-      metrics.update({"loss/aux_loss": aux, "loss/router_z_loss": rz})
-      metrics.update(moe_metrics(stats, self.module.sparse_layer_ids()))
-    metrics["loss/total"] = total
+    total, metrics = objective(logits, stats, batch, self.module.sparse_layer_ids(),
+                               aux_loss_weight=self.aux_loss_weight,
+                               router_z_loss_weight=self.router_z_loss_weight,
+                               logits_z_loss=self.logits_z_loss)
     return ((total, metrics), updates) if returns_state else (total, metrics)
+
+
+def objective(logits: Array, stats: Dict[str, Array], batch: Mapping[str, Array],
+              layer_ids: Mapping[str, Sequence[int]], *, aux_loss_weight: float,
+              router_z_loss_weight: float, logits_z_loss: float) -> Tuple[Array, Dict]:
+  """(total loss, metrics) from the logits over the decoder targets and the sparse
+  sub-layers' stats (the module docstring's loss): what every model's `loss` returns."""
+  weights = batch.get("decoder_loss_weights")
+  if weights is None:
+    weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  nll, log_z, num_tokens = cross_entropy(logits, batch["decoder_target_tokens"], weights)
+  denom = jnp.maximum(num_tokens, 1.0)
+  ce = jnp.sum(nll * weights) / denom
+  z = jnp.sum(jnp.square(log_z) * weights) / denom
+  total = ce + logits_z_loss * z
+  metrics = {"loss/cross_entropy": ce, "loss/logits_z_loss": z, "num_tokens": num_tokens,
+             "accuracy": jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"])
+                                 * weights) / denom}
+  if stats:
+    # Means over every sparse sub-layer, FFN and attention, encoder and decoder alike.
+    aux, rz = (jnp.mean(jnp.concatenate([v for name, v in stats.items()
+                                         if name.rsplit("/", 1)[-1] == loss]))
+               for loss in ("aux_loss", "z_loss"))
+    total = total + aux_loss_weight * aux + router_z_loss_weight * rz
+    metrics.update({"loss/aux_loss": aux, "loss/router_z_loss": rz})
+    metrics.update(moe_metrics(stats, layer_ids))
+  metrics["loss/total"] = total
+  return total, metrics
 
 
 def _padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:
@@ -459,11 +503,14 @@ def moe_metrics(stats: Dict[str, Array], layer_ids: Mapping[str, Sequence[int]]
                 ) -> Dict[str, Array]:
   """Per-layer scalars ("moe/layer_3/dropped_fraction") and their means ("moe/dropped_fraction");
   per-expert vectors stay vectors ("moe/layer_3/expert_load_after": [E]). A sparse attention's
-  are "moe_attention/layer_3/…" and "moe_attention/…". layer_ids: {kind: its sparse layers}."""
+  are "moe_attention/layer_3/…" and "moe_attention/…"; an encoder-decoder's carry the stack,
+  "encoder/moe/…", "decoder/moe_attention/…". layer_ids: {kind: its sparse layers}, where a
+  kind is a sub-layer name ("moe", "attention") or "<stack>/<sub-layer name>"."""
   out = {}
   for name, value in stats.items():
-    kind, short = (name.split("/", 1) if name.startswith(ATTENTION_STATS) else ("moe", name))
-    group = "moe" if kind == "moe" else f"moe_{kind}"
+    kind, short = name.rsplit("/", 1) if "/" in name else ("moe", name)
+    stack, _, sublayer = kind.rpartition("/")
+    group = (stack + "/" if stack else "") + ("moe" if sublayer == "moe" else f"moe_{sublayer}")
     for j, layer in enumerate(layer_ids[kind]):
       out[f"{group}/layer_{layer}/{short}"] = value[j]
     if value.ndim == 1:

@@ -72,15 +72,23 @@ def _expert_axis(box, name: str) -> Optional[int]:
   return names.index(name) if name in names else None
 
 
+def _sublayer_kind(path: str, kinds) -> Optional[str]:
+  """The sparse sub-layer kind a param path belongs to: a kind is a sub-layer name ("moe") or
+  "<stack>/<sub-layer name>" ("encoder/moe"), every part of it a part of the path."""
+  parts = path.split("/")
+  return next((kind for kind in kinds if all(p in parts for p in kind.split("/"))), None)
+
+
 def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
-  """Counts for a `Decoder` (module docstring for the definitions)."""
+  """Counts for a `model.Decoder` or an `encoder_decoder.EncoderDecoder` (module docstring
+  for the definitions; an encoder-decoder's flops are per (input, target) position pair)."""
   boxes = _boxed_params(module, seq_len)
   size = {path: math.prod(nn.meta.unbox(box).shape) for path, box in boxes.items()}
   total = sum(size.values())
   sublayers = module.sparse_sublayers()
   expert = inactive = 0
   for path, n in size.items():
-    kind = next((part for part in path.split("/") if part in sublayers), None)
+    kind = _sublayer_kind(path, sublayers)
     axis = None if kind is None else _expert_axis(boxes[path], sublayers[kind].expert_axis)
     if axis is None:
       continue
@@ -95,8 +103,11 @@ def count(module: nn.Module, seq_len: int = 2048) -> ParamReport:
   matmul = active - size["token_embed/embedding"]
   if module.tie_embeddings:
     matmul += size["token_embed/embedding"]
-  head_dim = module.head_dim or module.d_model // module.num_heads
-  attention = 4 * module.num_layers * module.num_heads * head_dim * seq_len
+  if hasattr(module, "attention_flops"):
+    attention = module.attention_flops(seq_len)
+  else:
+    head_dim = module.head_dim or module.d_model // module.num_heads
+    attention = 4 * module.num_layers * module.num_heads * head_dim * seq_len
   return ParamReport(total=total, active=active, embedding=embedding, expert=expert,
                      flops_per_token=2.0 * matmul + attention, seq_len=seq_len)
 

@@ -195,8 +195,9 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
           f"num_experts={sublayer.num_experts} is not divisible by the "
           f"'{sublayer.expert_axis}' mesh axis ({split} devices, splitting the {kind} "
           f"sub-layer's experts); choose a multiple of {split} experts or a smaller axis.")
-  layer = sparse.get("moe")
-  if layer is not None:
+  for layer in sparse.values():  # the FFN MoE layers (each stack's, in an encoder-decoder)
+    if not hasattr(layer, "layout"):
+      continue
     e = logical_axis_size(mesh, rules, "expert")
     if layer.layout == "grouped" and layer.num_expert_partitions != e:
       raise checks.SettingError(
@@ -211,6 +212,7 @@ def validate(module, mesh: Mesh, rules: Rules, batch_size: int) -> None:
           "MoE layout 'packed' on a mesh of %d devices: correct, but XLA moves every group's "
           "rows to every device; set MOE_LAYOUT = 'grouped' (runs/pretrain.gin does).",
           mesh.size)
+      break
 
 
 # ----------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ class SwitchHeadAttention(SparseSublayer, Attention):
   @nn.compact
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               padding_mask: Optional[Array] = None, deterministic: bool = True,
-               decode: bool = False) -> Tuple[Array, MoeAux]:
+               padding_mask: Optional[Array] = None, position_bias: Optional[Array] = None,
+               deterministic: bool = True, decode: bool = False) -> Tuple[Array, MoeAux]:
     """x [B, L, H] -> (y [B, L, H], MoeAux of both sides' routing)."""
     x = x.astype(self.dtype)
     batch, length, h = x.shape
@@ -99,7 +99,8 @@ class SwitchHeadAttention(SparseSublayer, Attention):
       return switchhead_values(x, w_v.astype(self.dtype), source_gates.astype(self.dtype))
 
     out = self.attend(x, values, positions=positions, segment_ids=segment_ids,
-                      prefix_mask=prefix_mask, deterministic=deterministic, decode=decode)
+                      prefix_mask=prefix_mask, position_bias=position_bias,
+                      deterministic=deterministic, decode=decode)
     w_o = self.param("out", nn.with_logical_partitioning(
         _expert_init(in_axis=(1, 2), out_axis=3), (self.expert_axis, "heads", "kv", "embed")),
         (e, n, d, h), jnp.float32)

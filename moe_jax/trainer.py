@@ -3,7 +3,7 @@
 Run through `moe_jax.train` (the command line; this module holds what gin configures):
 
     python -m moe_jax.train \
-      --gin_file=gin_configs/models/switch_base_tiny.gin \
+      --gin_file=gin_configs/models/switch_base_decoder_only_tiny.gin \
       --gin_file=gin_configs/runs/tiny_cpu.gin \
       --gin.MODEL_DIR="'runs/tiny'" --gin.TRAIN_STEPS=300
 
@@ -44,6 +44,7 @@ from moe_jax import optimizers
 from moe_jax import params as params_lib
 from moe_jax import partitioning as part
 from moe_jax import train_step as ts
+from moe_jax import upcycling
 
 
 class NonFiniteError(RuntimeError):
@@ -58,14 +59,19 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
           eval_tasks: Sequence[str] = (), eval_every: int = 0, eval_batches: int = 20,
           checkpoint_every: int = 100, keep_checkpoints: int = 3,
           keep_every_steps: Optional[int] = None, init_checkpoint: Optional[str] = None,
+          init_mode: str = "params",
           log_every: int = 10, on_nonfinite: str = "stop", progress_bar: bool = True,
           input_shards: Optional[int] = None, on_restore_error: str = "fallback",
           nan_at_step: Optional[int] = None) -> dict:
-  """Trains `model` (a DecoderOnlyLM) on a seqio mixture or task; returns the last metrics.
+  """Trains `model` (a DecoderOnlyLM or an EncoderDecoderLM: the batches are laid out as its
+  `features` say) on a seqio mixture or task; returns the last metrics.
 
   Args:
     init_checkpoint: a checkpoint directory (with step subdirectories) whose params start a new
       run (fine-tuning); ignored when MODEL_DIR already holds a checkpoint (resume wins).
+    init_mode: how init_checkpoint's params start the run: "params" (the same model: every
+      parameter as saved) or "sparse_upcycle" (a dense model's checkpoint starts this MoE
+      model: experts copied from the dense FFNs, routers fresh; moe_jax/upcycling.py).
     on_nonfinite: "stop" (raise, naming the step; the last checkpoint stays the last good one)
       or "skip" (the step leaves the state unchanged and training goes on).
     input_shards: the global batch's rows come from this many seqio shards of the mixture
@@ -83,6 +89,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if on_restore_error not in ("fallback", "stop"):
     raise checks.SettingError(f"train.on_restore_error = {on_restore_error!r}; choose "
                               "'fallback' or 'stop'.")
+  if init_mode not in ("params", "sparse_upcycle"):
+    raise checks.SettingError(f"train.init_mode = {init_mode!r}; choose 'params' or "
+                              "'sparse_upcycle'.")
   input_shards = input_shards or jax.process_count()
   checks.train_settings(train_steps=train_steps, sequence_length=sequence_length,
                         batch_size=batch_size, microbatches=microbatches,
@@ -110,6 +119,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   resuming = bool(checkpoints_lib.committed_steps(checkpoint_dir))
   if resuming:  # a restart must fit its checkpoint: refuse before touching the directory
     check_against_checkpoint(target, checkpoint_dir)
+  elif init_checkpoint and init_mode == "sparse_upcycle":
+    upcycling.check(target.params, init_checkpoint)
   elif init_checkpoint:
     check_against_checkpoint(target, init_checkpoint, restart=False,
                              setting="train.init_checkpoint (INIT_CHECKPOINT)")
@@ -142,7 +153,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
                                                   rng=jax.random.PRNGKey(seed)))
       state = jax.jit(lambda v: ts.TrainState.create(v, tx),
                       out_shardings=state_shardings)(variables)
-    if init_checkpoint:  # params (and collections) only: the optimizer starts afresh
+    if init_checkpoint and init_mode == "sparse_upcycle":  # experts from the dense FFNs
+      params, step = upcycling.upcycle(init_checkpoint, state.params, state_shardings.params)
+      state = state.replace(params=params)
+      print(f"Sparse upcycling from {init_checkpoint} (step {step}).", flush=True)
+    elif init_checkpoint:  # params (and collections) only: the optimizer starts afresh
       params, extra, step = checkpoints_lib.restore_params(init_checkpoint, target.params,
                                                            target.extra)
       state = state.replace(params=params, extra={**state.extra, **extra})
@@ -157,8 +172,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
   # --- input pipeline: this host's rows, resumed at the batches already consumed -----------
   rows = part.host_batch_rows(device_mesh, rules, batch_size)
+  features = model_features(model)
   batches = _host_batches(pipeline, mixture_or_task, sequence_length, batch_size, rows,
-                          input_shards, seed, skip=start_step)
+                          input_shards, seed, skip=start_step, features=features)
 
   # --- compiled steps ------------------------------------------------------------------
   rng = jax.random.PRNGKey(seed)
@@ -179,7 +195,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
   def evaluate(step: int) -> None:
     results = evaluate_tasks(eval_fn, state, eval_tasks, device_mesh, rules, sequence_length,
-                             batch_size, eval_batches, seed)
+                             batch_size, eval_batches, seed, features=features)
     for task, scalars in results.items():
       if writer is not None:
         writer.write(step, scalars, split=f"eval/{task}")
@@ -320,15 +336,21 @@ def eval_table(step: int, results: dict) -> str:
   return "\n".join(lines)
 
 
+def model_features(model) -> str:
+  """The batch layout a model reads (tasks.pipeline.FEATURE_LAYOUTS): its `features`."""
+  return getattr(model, "features", "decoder_only")
+
+
 def _host_batches(pipeline, mixture_or_task: str, sequence_length: int, batch_size: int,
-                  rows: slice, input_shards: int, seed: int, skip: int):
+                  rows: slice, input_shards: int, seed: int, skip: int,
+                  features: str = "decoder_only"):
   """This process's rows of every global batch: global row r comes from input shard
   r // (batch_size / input_shards), a seqio shard of the mixture read with the run's seed, so
   which data a step sees does not depend on how many processes read it."""
   per_shard = batch_size // input_shards
   first, last = rows.start // per_shard, -(-rows.stop // per_shard)
   streams = [pipeline.get_dataset(mixture_or_task, sequence_length, per_shard, seed=seed,
-                                  shard_index=i, shard_count=input_shards)
+                                  shard_index=i, shard_count=input_shards, features=features)
              .skip(skip).as_numpy_iterator() for i in range(first, last)]
   lo, hi = rows.start - first * per_shard, rows.stop - first * per_shard
   while True:
@@ -337,7 +359,8 @@ def _host_batches(pipeline, mixture_or_task: str, sequence_length: int, batch_si
 
 
 def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_length: int,
-                   batch_size: int, max_batches: int, seed: int = 0) -> dict:
+                   batch_size: int, max_batches: int, seed: int = 0,
+                   features: str = "decoder_only") -> dict:
   """{task: token-weighted mean metrics} over up to `max_batches` batches of each task's
   validation split (one pass, no shuffling; the last short batch padded with empty rows)."""
   from tasks import pipeline  # pylint: disable=g-import-not-at-top
@@ -348,7 +371,7 @@ def evaluate_tasks(eval_fn, state, tasks: Sequence[str], mesh, rules, sequence_l
     totals, tokens_seen = {}, 0.0
     data = pipeline.get_dataset(task, sequence_length, host_batch, split="validation",
                                 seed=seed, shuffle=False, shard_index=rows.start // host_batch,
-                                shard_count=batch_size // host_batch)
+                                shard_count=batch_size // host_batch, features=features)
     batches = [_pad_rows(b, host_batch) for b in data.take(max_batches).as_numpy_iterator()]
     for batch in _same_count_on_every_process(batches, task):
       with part.activate(mesh, rules):

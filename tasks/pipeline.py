@@ -1,8 +1,11 @@
-"""From a task or mixture name to packed decoder-only batches (numpy), deterministically.
+"""From a task or mixture name to packed batches (numpy), deterministically.
 
     ds = pipeline.get_dataset("local_ul2", sequence_length=512, batch_size=16, seed=0,
                               shard_index=jax.process_index(), shard_count=jax.process_count())
     batch = next(ds.as_numpy_iterator())   # decoder_target_tokens [16, 512], ...
+
+`features="encoder_decoder"` gives seqio's encoder-decoder features from the same tasks
+(encoder_input_tokens [16, 512], decoder_target_tokens [16, 512], ...: `tasks/packing.py`).
 
 Training (`split="train"`) repeats forever; evaluation (`num_epochs=1`) reads a split once.
 The same seed and shard give the same batches on every run: seqio's per-example seeds come
@@ -25,6 +28,9 @@ from tasks import feature_converter as feature_converter_lib
 from tasks import packing
 from tasks import registry  # pylint: disable=unused-import  (registers the tasks)
 from tasks.corpus import builder as corpus_builder
+
+FEATURE_LAYOUTS = ("decoder_only", "encoder_decoder")
+
 
 def prepare_corpus(config: str = "small", data_dir: Optional[str] = None) -> str:
   """Builds `moe_jax_corpus/<config>` once (under a file lock: parallel test workers and hosts
@@ -53,14 +59,19 @@ def _corpus_configs(name: str):
 def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
                 split: str = "train", seed: Optional[int] = 0, shard_index: int = 0,
                 shard_count: int = 1, num_epochs: Optional[int] = -1, pack: bool = True,
-                shuffle: bool = True) -> tf.data.Dataset:
-  """Batches of decoder-only features (`tasks/packing.py`), [batch_size, sequence_length].
+                shuffle: bool = True, features: str = "decoder_only") -> tf.data.Dataset:
+  """Batches of the model's features (`tasks/packing.py`), [batch_size, sequence_length].
 
+  features: "decoder_only" (inputs ++ targets in one sequence, seqio's PrefixLM features) or
+  "encoder_decoder" (inputs in the encoder, targets in the decoder, each up to
+  sequence_length; seqio's EncDec features; examples with empty targets are dropped).
   pack=True packs by best-fit decreasing (`tasks.packing`); pack=False pads one example per
   row with seqio's converter. num_epochs: -1 (default) repeats forever for "train" and reads
   other splits once. Evaluation is per task: a mixture stops at its first exhausted task, so
   a mixture on another split than "train" is refused.
   """
+  if features not in FEATURE_LAYOUTS:
+    raise ValueError(f"features={features!r}: expected one of {FEATURE_LAYOUTS}")
   if num_epochs == -1:
     num_epochs = None if split == "train" else 1
   provider = seqio.get_mixture_or_task(mixture_or_task)
@@ -79,7 +90,12 @@ def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
   ds = provider.get_dataset(
       lengths, split=split, shuffle=shuffle, num_epochs=num_epochs, seed=seed,
       shard_info=shard_info, use_cached=False)
-  if pack:
+  if features == "encoder_decoder" and pack:
+    ds = packing.pack_encoder_decoder(ds, sequence_length)
+  elif features == "encoder_decoder":
+    # Dropped as when packing, so that pack=False sees the same examples.
+    ds = seqio.EncDecFeatureConverter(pack=False)(ds.filter(packing.has_targets), lengths)
+  elif pack:
     ds = packing.pack(ds, sequence_length)
   else:
     ds = feature_converter_lib.DecoderOnlyFeatureConverter(pack=False)(ds, lengths)
@@ -87,15 +103,25 @@ def get_dataset(mixture_or_task: str, sequence_length: int, batch_size: int,
 
 
 def packing_stats(batches) -> Dict[str, float]:
-  """Fractions of non-padding and of loss-bearing tokens over an iterable of numpy batches."""
-  total = tokens = loss = examples = rows = 0
+  """Fractions of non-padding and of loss-bearing tokens over an iterable of numpy batches.
+
+  The fractions are of the decoder's tokens; encoder-decoder batches add the encoder's
+  "encoder_non_padding_fraction".
+  """
+  total = tokens = loss = examples = rows = encoder_total = encoder_tokens = 0
   for batch in batches:
+    if "encoder_input_tokens" in batch:
+      encoder_total += batch["encoder_input_tokens"].size
+      encoder_tokens += int(np.sum(batch["encoder_input_tokens"] != 0))
     total += batch["decoder_target_tokens"].size
     rows += batch["decoder_target_tokens"].shape[0]
     tokens += int(np.sum(batch["decoder_target_tokens"] != 0))
     loss += int(np.sum(batch["decoder_loss_weights"]))
     if "decoder_segment_ids" in batch:
       examples += int(sum(len(np.unique(row[row > 0])) for row in batch["decoder_segment_ids"]))
-  return {"non_padding_fraction": tokens / max(total, 1),
-          "loss_token_fraction": loss / max(total, 1),
-          "examples_per_sequence": examples / max(rows, 1)}
+  stats = {"non_padding_fraction": tokens / max(total, 1),
+           "loss_token_fraction": loss / max(total, 1),
+           "examples_per_sequence": examples / max(rows, 1)}
+  if encoder_total:
+    stats["encoder_non_padding_fraction"] = encoder_tokens / encoder_total
+  return stats

@@ -55,7 +55,7 @@ def test_greedy_and_bad_settings():
 
 @pytest.mark.parametrize("name,bindings,prefix", [
     ("mixtral_8x7b_tiny", (), False),                       # dropless, GQA, scanned layers
-    ("st_moe_tiny", ("EVAL_CAPACITY_FACTOR = 4.0", "SCAN_LAYERS = False"), True),
+    ("st_moe_decoder_only_tiny", ("EVAL_CAPACITY_FACTOR = 4.0", "SCAN_LAYERS = False"), True),
     ("switchhead_tiny", ("EVAL_CAPACITY_FACTOR = 4.0",), False),  # MoE attention: mixed-value cache
 ])
 def test_cached_decoding_equals_full_forward(name, bindings, prefix):
@@ -90,5 +90,5 @@ def test_eos_pads_the_rest_and_expert_choice_is_refused():
   # queues let later tokens take earlier tokens' slots), but not when dropless (no queues).
   bpr = "routing.TokenChoiceRouter.batch_prioritized = True"
   with pytest.raises(ValueError, match=r"\(TokenChoiceRouter\) is not causal"):
-    decoding.generate(load("st_moe_tiny", bpr), variables, prompt, max_new_tokens=2)
+    decoding.generate(load("st_moe_decoder_only_tiny", bpr), variables, prompt, max_new_tokens=2)
   load("mixtral_8x7b_tiny", bpr).check_decodable()  # dropless: causal

@@ -265,7 +265,7 @@ def _check_sharded_model(preset, bindings, mesh_dims, deterministic):
 
 @pytest.mark.parametrize("mesh_dims", MESHES)
 def test_tiny_model_sharded_equals_single_device(mesh_dims):
-  sharded = _check_sharded_model("gin_configs/models/st_moe_tiny.gin", ["NUM_EXPERTS = 8"],
+  sharded = _check_sharded_model("gin_configs/models/st_moe_decoder_only_tiny.gin", ["NUM_EXPERTS = 8"],
                                  mesh_dims, deterministic=True)
   wi = nn.meta.unbox(sharded)["params"]["layers"]["block_3"]["moe"]["experts"]["wi"]
   assert wi.sharding.shard_shape(wi.shape)[1] == 8 // mesh_dims[1]  # [layers, E, H, F]
@@ -309,7 +309,7 @@ def test_bad_layouts_fail_before_compiling():
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_every_parameter_shard_shape_follows_the_rules(fsdp):
   """Expected shard shapes worked out from the rules table by hand, for every parameter."""
-  lm = config.load_model(["gin_configs/models/st_moe_tiny.gin"], ["NUM_EXPERTS = 8"])
+  lm = config.load_model(["gin_configs/models/st_moe_decoder_only_tiny.gin"], ["NUM_EXPERTS = 8"])
   mesh, rules = mesh_of(2, 2, 2), part.standard_rules(fsdp)
   boxed = part.init_sharded(lm.module, mesh, rules, jnp.ones((8, 16), jnp.int32))["params"]
   table, sizes = dict(rules), dict(mesh.shape)

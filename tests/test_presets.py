@@ -13,9 +13,24 @@ import pytest
 from moe_jax import config, params
 
 MODELS = os.path.join(config.REPO_ROOT, "gin_configs", "models")
-PRESETS = ["switch_base", "gshard", "glam", "st_moe", "expert_choice", "mixtral_8x7b",
+PRESETS = ["switch_base_decoder_only", "gshard", "glam", "st_moe_decoder_only", "expert_choice", "mixtral_8x7b",
            "openmoe_base_16e", "openmoe_8b_32e", "openmoe_34b_32e", "deepseek_moe", "dense",
            "switchhead"]
+# The published encoder-decoder systems (moe_jax/encoder_decoder.py): {name: (published total
+# parameters or None where none was published, tolerance)}.
+ENCODER_DECODER_PRESETS = {
+    "switch_base_8": (619e6, 0.01),       # Hugging Face google/switch-base-8: 619M
+    "switch_base_16": (None, 0), "switch_base_32": (None, 0), "switch_base_64": (None, 0),
+    "switch_base_128": (7.4e9, 0.01),     # Fedus et al. 2021, Switch-Base: 7.4B
+    "switch_base_256": (None, 0),
+    "switch_base": (7.4e9, 0.01),         # = switch_base_128
+    "switch_large_128": (26.3e9, 0.01),   # Switch-Large: 26.3B
+    "switch_xxl_128": (395e9, 0.01),      # Switch-XXL: 395B
+    "switch_c_2048": (1571e9, 0.01),      # Switch-C: 1571B
+    "st_moe_base": (None, 0),
+    "st_moe_l": (4.1e9, 0.01),            # Zoph et al. 2022, ST-MoE-L: 4.1B
+    "st_moe_32b": (269e9, 0.01),          # ST-MoE-32B: 269B
+}
 
 
 def load(name, *bindings):
@@ -25,8 +40,9 @@ def load(name, *bindings):
 def test_every_preset_file_is_listed_and_has_a_tiny_variant():
   files = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(MODELS, "*.gin"))}
   main_job = {"openmoe_base_16e_cpu"}  # `make train`'s CPU-sized OpenMoE (runs/tiny_cpu.gin)
-  assert files == (set(PRESETS) | {p + "_tiny" for p in PRESETS} | {"decoder_only", "tiny"}
-                   | main_job)
+  presets = set(PRESETS) | set(ENCODER_DECODER_PRESETS)
+  assert files == (presets | {p + "_tiny" for p in presets}
+                   | {"decoder_only", "encoder_decoder", "tiny"} | main_job)
 
 
 @pytest.mark.parametrize("name,total,active,rtol_total,rtol_active,non_embedding", [
@@ -47,6 +63,41 @@ def test_published_parameter_counts(name, total, active, rtol_total, rtol_active
   got_active = report.active - report.embedding if non_embedding else report.active
   assert report.total == pytest.approx(total, rel=rtol_total), report.summary()
   assert got_active == pytest.approx(active, rel=rtol_active), report.summary()
+
+
+def encoder_decoder_hand_count(m):
+  """(total, active) of an EncoderDecoder from its settings alone, matrix by matrix."""
+  h, n, d, v = m.d_model, m.num_heads, m.head_dim or m.d_model // m.num_heads, m.vocab_size
+  gated = m.activation in ("swiglu", "geglu")
+  ffn = lambda width: (3 if gated else 2) * h * width
+  total = v * h * (1 if m.tie_embeddings else 2) + 2 * h  # embeddings, final norms
+  inactive = 0
+  for stack, layers in (("encoder", m.num_encoder_layers), ("decoder", m.num_decoder_layers)):
+    moe = m.sparse_sublayers().get(f"{stack}/moe")
+    total += n * m.relative_attention_num_buckets  # one shared bias per stack
+    for i in range(layers):
+      attention = 4 * h * n * d * (2 if stack == "decoder" else 1)
+      norms = h * (3 if stack == "decoder" else 2)
+      if i not in m.moe_ids(stack):
+        total += attention + norms + ffn(m.mlp_dim)
+        continue
+      e, k = moe.num_experts, moe.router.num_selected_experts
+      experts = e * ffn(moe.expert_hidden_dim)
+      extra = (ffn(m.mlp_dim) + h) if m.moe_dense_ffn == "sequential" else 0
+      total += attention + norms + experts + h * e + extra
+      inactive += experts * (1 - k / e)
+  return total, total - round(inactive)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_DECODER_PRESETS))
+def test_encoder_decoder_parameter_counts(name):
+  """Every count equals a hand count of the shapes; the published ones are within 1%."""
+  module = load(name).module
+  report = params.count(module)
+  assert (report.total, report.active) == encoder_decoder_hand_count(module)
+  published, tolerance = ENCODER_DECODER_PRESETS[name]
+  if published is not None:
+    assert report.total == pytest.approx(published, rel=tolerance), report.summary()
 
 
 def test_counts_against_a_hand_count():
@@ -113,6 +164,29 @@ def test_tiny_preset_trains(name):
     assert ids == {"attention": (0, 1, 2, 3), "moe": (1, 3)}
     assert metrics["moe_attention/layer_2/expert_load_after"].shape == (4,)
     assert "moe/layer_2/dropped_fraction" not in metrics
+
+
+@pytest.mark.parametrize("name", ["switch_base_8_tiny", "st_moe_32b_tiny"])
+def test_tiny_encoder_decoder_trains(name):
+  """Tied ReLU top-1 / untied top-2 GEGLU with the extra dense FFN."""
+  lm = load(name, "moe_layer.MoeLayer.expert_implementation = 'reference'")
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  inputs = jax.random.randint(keys[0], (2, 24), 1, lm.module.vocab_size)
+  targets = jax.random.randint(keys[1], (2, 12), 1, lm.module.vocab_size)
+  batch = dict(encoder_input_tokens=inputs, decoder_target_tokens=targets,
+               decoder_input_tokens=jnp.pad(targets[:, :-1], ((0, 0), (1, 0))))
+  variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), inputs)
+  rngs = {"dropout": jax.random.PRNGKey(2)}
+  loss_fn = lambda p: lm.loss({"params": p}, batch, rngs=rngs)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      variables["params"])
+  assert float(loss) == pytest.approx(np.log(lm.module.vocab_size), rel=0.3)
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(nn.meta.unbox(grads))]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= 0.9 * len(norms)
+  ids = lm.module.sparse_layer_ids()
+  assert set(ids) == {"encoder/moe", "decoder/moe"}
+  per_layer = [metrics[f"{kind}/layer_{i}/aux_loss"] for kind in ids for i in ids[kind]]
+  np.testing.assert_allclose(metrics["loss/aux_loss"], np.mean(per_layer), rtol=1e-5)
 
 
 @pytest.mark.parametrize("binding,match", [

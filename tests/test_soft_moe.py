@@ -72,7 +72,7 @@ def test_soft_moe_is_refused_where_it_does_not_apply():
   with pytest.raises(ValueError, match=r"dispatch='gather' does not apply to SoftRouter \(kind "
                                        r"'soft'\); it supports dispatch in \('einsum',\)"):
     moe_layer.MoeLayer(SoftRouter(), E, F, dispatch="gather")
-  lm = config.load_model(["gin_configs/models/switch_base_tiny.gin",
+  lm = config.load_model(["gin_configs/models/switch_base_decoder_only_tiny.gin",
                           "gin_configs/layers/soft_moe.gin"])
   layer = lm.module.sparse_sublayers()["moe"]
   assert layer.experts_per_token(64) == 8 * 1 / 64  # E · p / S

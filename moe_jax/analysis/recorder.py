@@ -6,9 +6,10 @@ The MoE layers write their routing to the `routing_records` collection only when
 so recording costs nothing in training; here it is. Inference settings: no dropout, no noise,
 the eval capacity factor — or `capacity_factor`, to see what another one would drop.
 
-Batches are t5x decoder-only feature dicts (decoder_input_tokens, decoder_target_tokens and,
-packed, decoder_segment_ids / decoder_positions), as `tasks.pipeline.get_dataset` yields or
-`text_batches` makes from raw texts. The routed token at position t is the input token at t.
+Batches are t5x feature dicts (decoder_input_tokens, decoder_target_tokens and, packed,
+decoder_segment_ids / decoder_positions; an encoder-decoder's encoder_* too), as
+`tasks.pipeline.get_dataset` yields or `text_batches` makes from raw texts. The routed token at
+position t is the stack's input token at t.
 """
 from __future__ import annotations
 
@@ -25,16 +26,16 @@ from moe_jax.moe_layer import ROUTING_RECORDS
 
 def with_capacity_factor(model, capacity_factor: float):
   """The model with its MoE layers' eval capacity factor replaced."""
-  module = model.module
-  if module.moe_layer is None:
+  if not model.module.sparse_sublayers():
     raise ValueError("the model has no MoE layers to record.")
-  layer = functools.partial(module.moe_layer, eval_capacity_factor=capacity_factor)
-  return type(model)(**{**model.__dict__, "module": module.clone(moe_layer=layer)})
+  module = model.module.with_moe_settings(eval_capacity_factor=capacity_factor)
+  return type(model)(**{**model.__dict__, "module": module})
 
 
 def layer_settings(model, sublayer: str = "moe") -> Tuple[Optional[float], str, int]:
   """(eval capacity factor or None when nothing is dropped, router kind, experts in the
-  records) of the model's sparse sub-layer `sublayer` ("moe": the FFN; "attention")."""
+  records) of the model's sparse sub-layer `sublayer` ("moe": the FFN; "attention"; an
+  encoder-decoder's "encoder/moe", "decoder/moe")."""
   sparse = model.module.sparse_sublayers()
   if sublayer not in sparse:
     raise ValueError(f"sublayer {sublayer!r} is not a sparse sub-layer of this model; choose one "
@@ -50,9 +51,15 @@ def _layer_records(tree, module, sublayer: str = "moe") -> Iterator[Tuple[int, d
 
   Unscanned: layers_<i>/<sublayer>/record. Scanned (nn.scan over units of `moe_every` blocks):
   layers/block_<j>/<sublayer>/record with a leading [units] axis: layer = unit · period + j.
+  An encoder-decoder's "<stack>/<sublayer>": <stack>/layers_<i>/<sublayer>/record.
   """
+  stack, _, sublayer = sublayer.rpartition("/")
   found = []
   for path, record in _find_records(tree):
+    if stack:
+      if not path or path[0] != stack:
+        continue
+      path = path[1:]
     if not path or path[-1] != sublayer:
       continue
     if path[0] == "layers":  # scanned
@@ -78,7 +85,8 @@ def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]]
                    capacity_factor: Optional[float] = None, step: Optional[int] = None,
                    apply_fn: Optional[Callable] = None, sublayer: str = "moe"
                    ) -> RoutingRecords:
-  """Records the routing of `model` (a DecoderOnlyLM) with `variables` over `batches`.
+  """Records the routing of `model` (a DecoderOnlyLM or EncoderDecoderLM) with `variables`
+  over `batches` (the model's features).
 
   label: a name for every token of these batches (e.g. the domain); concatenate records of
     several sources with `RoutingRecords.concatenate`.
@@ -87,7 +95,8 @@ def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]]
   apply_fn: a compiled `(variables, batch) -> collection` to reuse across calls
     (`make_apply_fn`); built here when None.
   sublayer: which sparse sub-layers to record: "moe" (the FFN) or "attention" (SwitchHead,
-    whose records number each (side, head)'s experts apart: switchhead.py).
+    whose records number each (side, head)'s experts apart: switchhead.py); an
+    encoder-decoder's "encoder/moe" (routing the inputs) or "decoder/moe" (the targets).
   """
   if capacity_factor is not None:
     model = with_capacity_factor(model, capacity_factor)
@@ -95,21 +104,22 @@ def record_routing(model, variables, batches: Iterable[Mapping[str, np.ndarray]]
   apply_fn = apply_fn or make_apply_fn(model)
   columns = {}
   layer_ids, seen, next_example = None, 0, 0
+  # The tokens a stack routes: an encoder's inputs, a decoder's (shifted) targets.
+  side = "encoder" if sublayer.startswith("encoder/") else "decoder"
   for batch in batches:
-    tokens = np.asarray(batch["decoder_input_tokens"])
+    tokens = np.asarray(batch[f"{side}_input_tokens"])
     b, length = tokens.shape
-    segments = np.asarray(batch.get("decoder_segment_ids",
-                                     (np.asarray(batch["decoder_target_tokens"]) > 0)
-                                     .astype(np.int32)))
+    real_tokens = tokens if side == "encoder" else np.asarray(batch["decoder_target_tokens"])
+    segments = np.asarray(batch.get(f"{side}_segment_ids", (real_tokens > 0).astype(np.int32)))
     real = segments > 0
     if not real.any():
       continue
-    collection = jax.device_get(apply_fn(variables, {k: np.asarray(v) for k, v in batch.items()
-                                                     if k.startswith("decoder_")}))
+    collection = jax.device_get(apply_fn(variables, {
+        k: np.asarray(v) for k, v in batch.items() if k.startswith(("decoder_", "encoder_"))}))
     layers = list(_layer_records(collection, model.module, sublayer))
     if layer_ids is None:
       layer_ids = tuple(i for i, _ in layers)
-    positions = np.asarray(batch.get("decoder_positions",
+    positions = np.asarray(batch.get(f"{side}_positions",
                                      np.broadcast_to(np.arange(length), (b, length))))
     # One example id per (row, segment), numbered in order of appearance.
     keys = np.arange(b)[:, None] * (int(segments.max()) + 1) + segments
@@ -150,10 +160,11 @@ def make_apply_fn(model) -> Callable:
 
 
 def text_batches(texts: Sequence[str], encode: Callable[[str], Sequence[int]],
-                 sequence_length: int, batch_size: int, eos_id: int = 1
-                 ) -> Iterator[dict]:
-  """Decoder-only batches from raw texts: one text per row (+EOS), cut at sequence_length,
-  zero-padded; inputs are the targets shifted right (0 first), as seqio's converter makes."""
+                 sequence_length: int, batch_size: int, eos_id: int = 1,
+                 features: str = "decoder_only") -> Iterator[dict]:
+  """Batches from raw texts: one text per row (+EOS), cut at sequence_length, zero-padded;
+  inputs are the targets shifted right (0 first), as seqio's converter makes. Encoder-decoder
+  batches give the encoder the same text."""
   rows = []
   for text in texts:
     ids = list(encode(text))[:sequence_length - 1] + [eos_id]
@@ -165,5 +176,8 @@ def text_batches(texts: Sequence[str], encode: Callable[[str], Sequence[int]],
       targets[i, :len(ids)] = ids
     inputs = np.zeros_like(targets)
     inputs[:, 1:] = targets[:, :-1]
-    yield {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
-           "decoder_loss_weights": (targets > 0).astype(np.float32)}
+    batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+             "decoder_loss_weights": (targets > 0).astype(np.float32)}
+    if features == "encoder_decoder":
+      batch["encoder_input_tokens"] = targets
+    yield batch
