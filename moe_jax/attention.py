@@ -81,6 +81,7 @@ class Attention(nn.Module):
   head_dim: Optional[int] = None
   rope_theta: Optional[float] = 10000.0   # None: no rotary embedding
   qkv_bias: bool = False
+  out_bias: bool = False   # a bias [H] on the output projection (NLLB-MoE)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
@@ -116,9 +117,17 @@ class Attention(nn.Module):
                       positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
                       position_bias=position_bias, deterministic=deterministic,
                       decode=decode)  # [B, L, N, D]
+    return self.output(out, x.shape[-1])
+
+  def output(self, out: Array, h: int) -> Array:
+    """The heads' outputs [B, L, N, D] -> [B, L, H] through `out` [N, D, H] (+ out_bias)."""
     w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
-                       (self.num_heads, out.shape[-1], x.shape[-1]), jnp.float32)
-    return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+                       (self.num_heads, out.shape[-1], h), jnp.float32)
+    y = jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+    if self.out_bias:
+      y = y + self.param("out_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("embed",)), (h,), jnp.float32).astype(self.dtype)
+    return y
 
   def project(self, x: Array, name: str, heads: int, axes) -> Array:
     """x [B, L, H] -> [B, L, heads, D] through the param `name` [H, heads, D] (+ bias)."""

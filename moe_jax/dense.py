@@ -34,6 +34,25 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """y = (x − mean) / sqrt(var + ε) · scale + bias, in float32 (NLLB-MoE, BART, fairseq)."""
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       features, jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      features, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                                + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
 class Embed(nn.Module):
   """Token embedding [V, H]; `attend` gives tied output logits x Eᵀ."""
   vocab_size: int
@@ -62,6 +81,7 @@ class MlpBlock(nn.Module):
   activation: str = "swiglu"
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  use_bias: bool = False  # wi_bias [F] (and wi_gate_bias), wo_bias [H]: NLLB-MoE's FFNs
 
   def __post_init__(self):
     check_activation(self.activation)
@@ -76,11 +96,20 @@ class MlpBlock(nn.Module):
       init = nn.with_logical_partitioning(dense_init(), axes)
       return self.param(name, init, shape, jnp.float32).astype(self.dtype)
 
+    def bias(name, size, axis):
+      if not self.use_bias:
+        return 0
+      init = nn.with_logical_partitioning(nn.initializers.zeros, (axis,))
+      return self.param(name, init, (size,), jnp.float32).astype(self.dtype)
+
     x = x.astype(self.dtype)
     w_in = weight("wi", (h, self.hidden_dim), ("embed", "mlp"))
+    b_in = bias("wi_bias", self.hidden_dim, "mlp")
     if gated:
-      hidden = act(x @ weight("wi_gate", (h, self.hidden_dim), ("embed", "mlp"))) * (x @ w_in)
+      w_gate = weight("wi_gate", (h, self.hidden_dim), ("embed", "mlp"))
+      hidden = act(x @ w_gate + bias("wi_gate_bias", self.hidden_dim, "mlp")) * (x @ w_in + b_in)
     else:
-      hidden = act(x @ w_in)
+      hidden = act(x @ w_in + b_in)
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return hidden @ weight("wo", (self.hidden_dim, h), ("mlp", "embed"))
+    return hidden @ weight("wo", (self.hidden_dim, h), ("mlp", "embed")) + bias("wo_bias", h,
+                                                                                "embed")

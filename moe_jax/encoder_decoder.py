@@ -43,12 +43,13 @@ import numpy as np
 
 from moe_jax import decoding
 from moe_jax.attention import _NEG_INF, Attention
-from moe_jax.dense import Embed, MlpBlock, RMSNorm, dense_init
+from moe_jax.dense import Embed, LayerNorm, MlpBlock, RMSNorm, dense_init
 from moe_jax.model import (ACTIVATION_AXES, REMAT_POLICIES, DecoderBlock, is_sparse,
                            moe_layer_ids, objective, stats_of)
 
 Array = jax.Array
-POSITION_EMBEDDINGS = ("relative", "rope")
+POSITION_EMBEDDINGS = ("relative", "rope", "sinusoidal")
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 STACKS = ("encoder", "decoder")
 
 
@@ -107,6 +108,17 @@ class RelativePositionBias(nn.Module):
     return jnp.moveaxis(table[:, buckets], 0, 1)  # [N, B, Lq, Lk] -> [B, N, Lq, Lk]
 
 
+def sinusoidal_positions(positions: Array, features: int) -> Array:
+  """[sin | cos] of positions [B, L] at frequencies 10000^(−i / (F/2 − 1)), i < F/2 (fairseq's
+  table, as NLLB-MoE and M2M-100 add it to the scaled token embeddings) -> [B, L, F] float32."""
+  half = features // 2
+  inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32)
+                     * jnp.float32(-math.log(10000.0) / (half - 1)))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(table, ((0, 0), (0, 0), (0, features % 2)))
+
+
 # ----------------------------------------------------------------------------------------
 # Cross-attention.
 # ----------------------------------------------------------------------------------------
@@ -149,9 +161,7 @@ class CrossAttention(Attention):
     probs = (probs * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
-    w_out = self.param("out", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
-                       (n, d, h), jnp.float32)
-    return jnp.einsum("blnd,ndh->blh", out, w_out.astype(self.dtype))
+    return self.output(out, h)
 
   def _cached(self, project_kv: Callable[[], Tuple[Array, Array]], encoded: Array):
     """The encoded keys and values: projected on the first decoding call, then cached."""
@@ -187,7 +197,8 @@ class Stack(nn.Module):
   position_embedding: str = "relative"
   num_buckets: int = 32
   max_distance: int = 128
-  norm_epsilon: float = 1e-6
+  sinusoidal_offset: int = 2
+  norm_layer: Callable[..., nn.Module] = RMSNorm
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
@@ -210,6 +221,9 @@ class Stack(nn.Module):
       bias = RelativePositionBias(self.num_heads, not self.causal, self.num_buckets,
                                   self.max_distance, name="relative_position_bias")(
           positions, positions if key_positions is None else key_positions)
+    if self.position_embedding == "sinusoidal":
+      x = x + sinusoidal_positions(positions + self.sinusoidal_offset,
+                                   x.shape[-1]).astype(x.dtype)
     # An encoder attends bidirectionally: the prefix-LM mask over every position.
     prefix_mask = None if self.causal else jnp.ones((batch, length), bool)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -220,7 +234,7 @@ class Stack(nn.Module):
           encoded_segment_ids, encoded_mask)
       for kind, aux in block_auxes.items():
         auxes.setdefault(kind, []).append(aux)
-    x = RMSNorm(self.norm_epsilon, self.dtype, name="final_norm")(x)
+    x = self.norm_layer(name="final_norm")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic), auxes
 
   def _decode_offset(self, batch: int, length: int):
@@ -244,8 +258,13 @@ class EncoderDecoder(nn.Module):
     dropout_rate (embeddings, residual branches, FFN, stack outputs), attention_dropout_rate,
       norm_epsilon.
     position_embedding: "relative" (T5 buckets: relative_attention_num_buckets,
-      relative_attention_max_distance) or "rope" (rope_theta).
-    tie_embeddings: logits x Eᵀ / √H with the input embedding (Switch) or an lm_head (T5.1.1).
+      relative_attention_max_distance), "rope" (rope_theta) or "sinusoidal" (fairseq's table
+      at position + sinusoidal_offset, added to the embeddings: NLLB-MoE).
+    tie_embeddings: logits x Eᵀ / √H with the input embedding (Switch) or an lm_head (T5.1.1);
+      tied_output_scale=False drops the 1/√H (NLLB-MoE).
+    norm: "rms" (T5) or "layer" (LayerNorm with a bias: NLLB-MoE), norm_epsilon its ε.
+    use_bias: biases in the attention projections and dense FFNs (NLLB-MoE; the experts' are
+      the MoE layer's `expert_bias`). scale_embeddings: token embeddings × √H (NLLB-MoE).
     encoder_moe_layer / decoder_moe_layer: MoE layer factories (gin's @MoeLayer; None: dense);
       encoder_moe_every / _offset / _layer_indices and decoder_…: their placement.
     moe_dense_ffn: "none", "parallel" or "sequential" (ST-MoE: a dense FFN after each MoE
@@ -267,7 +286,12 @@ class EncoderDecoder(nn.Module):
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   rope_theta: float = 10000.0
+  sinusoidal_offset: int = 2
   tie_embeddings: bool = True
+  tied_output_scale: bool = True
+  norm: str = "rms"
+  use_bias: bool = False
+  scale_embeddings: bool = False
   dtype: Any = jnp.float32
   encoder_moe_layer: Optional[Callable[..., nn.Module]] = None
   decoder_moe_layer: Optional[Callable[..., nn.Module]] = None
@@ -288,6 +312,8 @@ class EncoderDecoder(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got "
                        f"{self.remat_policy!r}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {tuple(NORMS)}, got {self.norm!r}.")
     for stack in STACKS:
       if getattr(self, f"num_{stack}_layers") < 1:
         raise ValueError(f"num_{stack}_layers must be >= 1, got "
@@ -365,7 +391,11 @@ class EncoderDecoder(nn.Module):
     rope = self.rope_theta if self.position_embedding == "rope" else None
     return functools.partial(cls, num_heads=self.num_heads, head_dim=self.head_dim,
                              rope_theta=None if cls is CrossAttention else rope,
+                             qkv_bias=self.use_bias, out_bias=self.use_bias,
                              dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+
+  def _norm(self) -> Callable[..., nn.Module]:
+    return functools.partial(NORMS[self.norm], self.norm_epsilon, self.dtype)
 
   @nn.nowrap
   def _block(self, stack: str, i: int, deterministic: bool, decode: bool):
@@ -373,7 +403,8 @@ class EncoderDecoder(nn.Module):
     mlp_dim = self.mlp_dim
     if sparse and self.moe_dense_ffn != "none":
       mlp_dim = self.moe_dense_dim or self.mlp_dim
-    mlp = functools.partial(MlpBlock, mlp_dim, self.activation, self.dropout_rate, self.dtype)
+    mlp = functools.partial(MlpBlock, mlp_dim, self.activation, self.dropout_rate, self.dtype,
+                            self.use_bias)
     moe = None
     if sparse:
       moe = functools.partial(getattr(self, f"{stack}_moe_layer"), dtype=self.dtype)
@@ -383,7 +414,8 @@ class EncoderDecoder(nn.Module):
     cross = self._attention(CrossAttention) if stack == "decoder" else None
     return functools.partial(
         block, self._attention(), mlp, moe, self.moe_dense_ffn, None, False, self.norm_epsilon,
-        self.dropout_rate, self.dtype, deterministic, decode, cross, stack == "encoder")
+        self.dropout_rate, self.dtype, deterministic, decode, cross, stack == "encoder",
+        self._norm())
 
   def _stack(self, stack: str) -> Stack:
     return Stack(functools.partial(self._block, stack), getattr(self, f"num_{stack}_layers"),
@@ -391,8 +423,8 @@ class EncoderDecoder(nn.Module):
                  position_embedding=self.position_embedding,
                  num_buckets=self.relative_attention_num_buckets,
                  max_distance=self.relative_attention_max_distance,
-                 norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
-                 dtype=self.dtype, name=stack)
+                 sinusoidal_offset=self.sinusoidal_offset, norm_layer=self._norm(),
+                 dropout_rate=self.dropout_rate, dtype=self.dtype, name=stack)
 
   def setup(self):
     self.token_embed = Embed(self.vocab_size, self.d_model, self.dtype)
@@ -402,12 +434,16 @@ class EncoderDecoder(nn.Module):
       self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
           dense_init(), ("embed", "vocab")), (self.d_model, self.vocab_size), jnp.float32)
 
+  def _embed(self, tokens: Array) -> Array:
+    x = self.token_embed(tokens)
+    return x * jnp.sqrt(jnp.float32(self.d_model)).astype(x.dtype) if self.scale_embeddings else x
+
   def encode(self, encoder_tokens: Array, *, segment_ids: Optional[Array] = None,
              positions: Optional[Array] = None, deterministic: bool = True):
     """encoder_tokens [B, Le] (0: padding) -> (encoded [B, Le, H], {kind: [MoeAux, …]})."""
     if segment_ids is None:  # unpacked: padding attends and is attended by nothing real
       segment_ids = (encoder_tokens > 0).astype(jnp.int32)
-    x = nn.with_logical_constraint(self.token_embed(encoder_tokens), ACTIVATION_AXES)
+    x = nn.with_logical_constraint(self._embed(encoder_tokens), ACTIVATION_AXES)
     encoded, auxes = self.encoder(x, positions=positions, segment_ids=segment_ids,
                                   padding_mask=segment_ids > 0, deterministic=deterministic)
     return encoded, {f"encoder/{kind}": a for kind, a in auxes.items()}
@@ -421,13 +457,13 @@ class EncoderDecoder(nn.Module):
     (logits [B, Ld, V] float32, {kind: [MoeAux, …]})."""
     if padding_mask is None and segment_ids is not None:
       padding_mask = segment_ids > 0
-    x = nn.with_logical_constraint(self.token_embed(decoder_tokens), ACTIVATION_AXES)
+    x = nn.with_logical_constraint(self._embed(decoder_tokens), ACTIVATION_AXES)
     x, auxes = self.decoder(x, positions=positions, segment_ids=segment_ids,
                             padding_mask=padding_mask, encoded=encoded,
                             encoded_segment_ids=encoder_segment_ids, encoded_mask=encoder_mask,
                             deterministic=deterministic, decode=decode)
     if self.tie_embeddings:
-      logits = self.token_embed.attend(x) * self.d_model**-0.5
+      logits = self.token_embed.attend(x) * (self.d_model**-0.5 if self.tied_output_scale else 1)
     else:
       logits = x @ self.lm_head.astype(self.dtype)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -3,6 +3,8 @@
 Weights: wi [E, H, F] (and wi_gate [E, H, F] for gated activations), wo [E, F, H].
   relu / gelu:     y = act(x wi) wo
   swiglu / geglu:  y = (act(x wi_gate) ⊙ x wi) wo      act = silu / gelu
+With `use_bias` (NLLB-MoE's experts) each projection adds its bias: wi_bias [E, F],
+wi_gate_bias [E, F], wo_bias [E, H]; that runs the plain reference formulation.
 The math lives in `expert_kernels` (capacity buffers and ragged rows), chosen per layout.
 """
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Experts(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: nn.initializers.Initializer = expert_init()
   implementation: str = "auto"
+  use_bias: bool = False
 
   def __post_init__(self):
     check_activation(self.activation)
@@ -100,9 +103,19 @@ class Experts(nn.Module):
     w_in = weight("wi", (e, h, f), ("expert", "embed", "expert_mlp"))
     w_gate = weight("wi_gate", (e, h, f), ("expert", "embed", "expert_mlp")) if gated else None
     w_out = weight("wo", (e, f, h), ("expert", "expert_mlp", "embed"))
+    biases = None
+    if self.use_bias:
+      zeros = lambda name, shape, axes: self.param(name, nn.with_logical_partitioning(
+          nn.initializers.zeros, axes), shape, self.param_dtype).astype(self.dtype)
+      biases = (zeros("wi_bias", (e, f), ("expert", "expert_mlp")),
+                zeros("wi_gate_bias", (e, f), ("expert", "expert_mlp")) if gated else None,
+                zeros("wo_bias", (e, h), ("expert", "embed")))
 
     capacity_kernel, ragged_kernel = IMPLEMENTATIONS[self.implementation]
     if distribute is not None:
+      if self.use_bias:
+        raise ValueError("experts with biases (use_bias) are not implemented with dropless "
+                         "expert parallelism (layout='grouped'); use dispatch='gather'.")
       if self.dropout_rate > 0 and not deterministic:
         raise ValueError("expert dropout (expert_dropout_rate > 0) in training is not "
                          "implemented with dropless expert parallelism (layout='grouped'); "
@@ -114,9 +127,9 @@ class Experts(nn.Module):
                                     expected_rows=expected_rows))
       return distribute(local_ffn, w_in=w_in, w_gate=w_gate, w_out=w_out)
     x = batch.inputs.astype(self.dtype)
-    if self.dropout_rate > 0 and not deterministic:
-      drop = nn.Dropout(self.dropout_rate, deterministic=False)
-      return _reference_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act, drop)
+    if (self.dropout_rate > 0 and not deterministic) or biases is not None:
+      drop = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)
+      return _reference_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act, drop, biases)
     if batch.group_sizes is not None:
       return expert_kernels.ragged_ffn(x, batch.group_sizes, w_in, w_gate, w_out, act,
                                        implementation=ragged_kernel)
@@ -125,17 +138,26 @@ class Experts(nn.Module):
 
 
 def _reference_ffn(x: Array, group_sizes: Optional[Array], w_in, w_gate, w_out, act,
-                   hidden_transform: Callable[[Array], Array]) -> Array:
-  """Plain formulation with a hook on the hidden layer (expert dropout)."""
+                   hidden_transform: Callable[[Array], Array], biases=None) -> Array:
+  """Plain formulation with a hook on the hidden layer (expert dropout) and optional biases
+  (b_in, b_gate or None, b_out), each [E, width]."""
+  b_in, b_gate, b_out = biases or (None, None, None)
   if group_sizes is None:  # capacity layout [E, N, H]
-    hidden = act(jnp.einsum("enh,ehf->enf", x, w_gate if w_gate is not None else w_in))
-    if w_gate is not None:
-      hidden = hidden * jnp.einsum("enh,ehf->enf", x, w_in)
-    return jnp.einsum("enf,efh->enh", hidden_transform(hidden), w_out)
-  # Ragged layout [M, H]: lax.ragged_dot (a dense masked matmul on CPU, fine for fine-tuning).
-  hidden = act(jax.lax.ragged_dot(x, w_gate if w_gate is not None else w_in, group_sizes))
+    bias = lambda b: 0 if b is None else b[:, None, :]
+    project = lambda w: jnp.einsum("enh,ehf->enf", x, w)
+    out = lambda hidden: jnp.einsum("enf,efh->enh", hidden, w_out) + bias(b_out)
+  else:  # ragged layout [M, H]: lax.ragged_dot (a dense masked matmul on CPU)
+    expert_of_row = jnp.repeat(jnp.arange(w_in.shape[0]), group_sizes,
+                               total_repeat_length=x.shape[0])
+    bias = lambda b: 0 if b is None else b[expert_of_row]
+    project = lambda w: jax.lax.ragged_dot(x, w, group_sizes)
+    out = lambda hidden: jax.lax.ragged_dot(hidden, w_out, group_sizes) + bias(b_out)
   if w_gate is not None:
-    hidden = hidden * jax.lax.ragged_dot(x, w_in, group_sizes)
-  y = jax.lax.ragged_dot(hidden_transform(hidden), w_out, group_sizes)
+    hidden = act(project(w_gate) + bias(b_gate)) * (project(w_in) + bias(b_in))
+  else:
+    hidden = act(project(w_in) + bias(b_in))
+  y = out(hidden_transform(hidden))
+  if group_sizes is None:
+    return y
   rows = jnp.arange(x.shape[0])
   return jnp.where((rows < jnp.sum(group_sizes))[:, None], y, 0)

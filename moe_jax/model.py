@@ -114,6 +114,7 @@ class DecoderBlock(nn.Module):
   decode: bool = False
   cross_attention: Optional[Callable[..., nn.Module]] = None
   bidirectional: bool = False
+  norm_layer: Optional[Callable[..., nn.Module]] = None  # None: RMSNorm(norm_epsilon)
 
   @nn.compact
   def __call__(self, x: Array, positions, segment_ids, prefix_mask, padding_mask,
@@ -122,7 +123,7 @@ class DecoderBlock(nn.Module):
     """-> (x, {sub-layer kind: MoeAux} for its sparse sub-layers)."""
     # Arrays (or None) only as call arguments, the flags as fields: nn.remat-friendly.
     deterministic, decode = self.deterministic, self.decode
-    norm = functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
+    norm = self.norm_layer or functools.partial(RMSNorm, self.norm_epsilon, self.dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     check = lambda kind, layer: None if self.bidirectional else check_sublayer(kind, layer,
                                                                                decode)

@@ -128,6 +128,10 @@ class MoeLayer(SparseSublayer, nn.Module):
     pad_groups: if the tokens don't split into whole groups, pad the last group with padding
       tokens (which take no capacity) instead of raising.
     expert_dropout_rate: dropout on the experts' hidden units (training only).
+    expert_bias: biases in the expert projections (NLLB-MoE); plain reference kernels.
+    token_dropout_rate: NLLB-MoE's `moe_token_dropout` p: dropout on the layer's output in
+      training (scaled by 1 / (1 − p), as any dropout) and the output scaled by (1 − p) in
+      evaluation (fairseq's convention, which NLLB-MoE checkpoints expect).
     dtype: activation/computation dtype of the experts (the router is always float32).
     expert_implementation: "auto" (fastest for the backend), "reference" (plain batched einsum
       / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py. With
@@ -159,6 +163,8 @@ class MoeLayer(SparseSublayer, nn.Module):
   group_size: Optional[int] = None
   pad_groups: bool = False
   expert_dropout_rate: float = 0.0
+  expert_bias: bool = False
+  token_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   expert_implementation: str = "auto"
   layout: str = "packed"
@@ -180,6 +186,8 @@ class MoeLayer(SparseSublayer, nn.Module):
         raise ValueError(f"{name} must be finite and > 0, got {value}.")
     if not 0.0 <= self.expert_dropout_rate < 1.0:
       raise ValueError(f"expert_dropout_rate must be in [0, 1), got {self.expert_dropout_rate}.")
+    if not 0.0 <= self.token_dropout_rate < 1.0:
+      raise ValueError(f"token_dropout_rate must be in [0, 1), got {self.token_dropout_rate}.")
     if self.min_capacity < 0:
       raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}.")
     if self.group_size is not None and self.group_size < 1:
@@ -271,7 +279,7 @@ class MoeLayer(SparseSublayer, nn.Module):
       implementation = "reference"
     experts = Experts(self.num_experts, self.expert_hidden_dim, self.activation,
                       self.expert_dropout_rate, self.dtype, implementation=implementation,
-                      name="experts")
+                      use_bias=self.expert_bias, name="experts")
     overflow = None
     if ep_dropless:
       expert_index, gates = routed.routing.kept_choices()
@@ -289,6 +297,10 @@ class MoeLayer(SparseSublayer, nn.Module):
       outputs = experts(expert_batch, deterministic)
       y = dispatcher.combine(outputs, state, routed.routing, groups.shape)
     y = y.reshape(-1, h)[:num_tokens].reshape(batch, seq_len, h).astype(x.dtype)
+    if self.token_dropout_rate and deterministic:
+      y = y * (1 - self.token_dropout_rate)
+    elif self.token_dropout_rate:
+      y = nn.Dropout(self.token_dropout_rate)(y, deterministic=False)
     # Not at init (which makes every collection mutable): records are never variables.
     if self.is_mutable_collection(ROUTING_RECORDS) and not self.is_initializing():
       record = routing_record(routed, mask)

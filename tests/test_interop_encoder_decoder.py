@@ -99,3 +99,67 @@ def test_switch_transformers_bad_checkpoints_name_the_tensor_or_setting(tmp_path
   cfg = transformers.SwitchTransformersConfig(router_bias=True).to_dict()
   with pytest.raises(ValueError, match="router_bias=True is not supported"):
     st.encoder_decoder_from_hf_config(cfg)
+
+
+# --- NLLB-MoE ------------------------------------------------------------------------------
+
+def _intended_nllb_experts(self, hidden_states, router_mask, router_probs):
+  """NllbMoeExperts.forward as intended (transformers 4.x): Σ over the chosen experts of
+  gate · expert(x), scaled by (1 − moe_token_dropout) in evaluation. 5.25's one-hots the
+  already one-hot mask and so only ever runs experts 0 and 1 (moe_jax/interop/nllb_moe.py)."""
+  out = torch.zeros_like(hidden_states)
+  for e in range(self.num_experts):
+    rows = torch.nonzero(router_probs[:, e] > 0).squeeze(-1)
+    y = self[f"expert_{e}"](hidden_states[rows]) * router_probs[rows, e, None]
+    if self.moe_token_dropout > 0 and not self.training:
+      y = y * (1 - self.moe_token_dropout)
+    out.index_add_(0, rows, y.to(hidden_states.dtype))
+  return out
+
+
+def tiny_nllb(tmp_path, monkeypatch, **kw):
+  """A random NllbMoeForConditionalGeneration: 4 + 4 layers, top-2 MoE in layers 1 and 3 of
+  each stack (sparse step 2), token dropout 0.2, padding id 1 (the rows hold none).
+  router_ignore_padding_tokens skips 5.25's padding path, which inverts the attention mask."""
+  from transformers.models.nllb_moe import modeling_nllb_moe
+  monkeypatch.setattr(modeling_nllb_moe.NllbMoeExperts, "forward", _intended_nllb_experts)
+  cfg = transformers.NllbMoeConfig(**{**dict(
+      vocab_size=300, d_model=32, encoder_layers=4, decoder_layers=4,
+      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+      decoder_ffn_dim=48, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2,
+      moe_token_dropout=0.2, router_ignore_padding_tokens=True, max_position_embeddings=64),
+      **kw})
+  torch.manual_seed(0)
+  model = transformers.NllbMoeForConditionalGeneration(cfg).float().eval()
+  with torch.no_grad():  # random (not zero) biases and norms, so their mapping is tested
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "layer_norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  return model
+
+
+def test_nllb_moe_import_matches_transformers(tmp_path, monkeypatch, capsys):
+  theirs = tiny_nllb(tmp_path, monkeypatch)
+  from moe_jax.interop import nllb_moe
+  module, params = nllb_moe.import_checkpoint(str(tmp_path / "hf"))
+  assert module.moe_ids("encoder") == (1, 3) and module.norm == "layer"
+  inputs, targets = text_ids(300, 2, 20) + 1, text_ids(300, 2, 12, offset=5) + 1  # no 0 / 1
+  decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=2)
+  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(inputs),
+                                  jnp.asarray(decoder_inputs))
+  diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, inputs, decoder_inputs)).max())
+  with capsys.disabled():
+    print(f"\nnllb_moe: max |logits − transformers| = {diff:.2e}")
+  assert diff <= 1e-5
+  new, _ = ed.generate(module, {"params": params}, jnp.asarray(inputs), max_new_tokens=8,
+                       decoder_start_id=2)
+  with torch.no_grad():
+    hf_new = theirs.generate(torch.as_tensor(inputs), max_new_tokens=8, do_sample=False,
+                             num_beams=1, eos_token_id=None).numpy()
+  np.testing.assert_array_equal(np.asarray(new), hf_new[:, 1:])
+  export_dir = tmp_path / "back"
+  nllb_moe.export_checkpoint(module, params, str(export_dir))
+  again = transformers.NllbMoeForConditionalGeneration.from_pretrained(export_dir).float().eval()
+  np.testing.assert_array_equal(hf_logits(again, inputs, decoder_inputs),
+                                hf_logits(theirs, inputs, decoder_inputs))

@@ -224,9 +224,12 @@ def test_token_exchange_is_all_to_all_without_gathering_expert_weights(router_ki
   assert counts["all-gather"] == 0, counts
 
 
-def _tiny_batch(vocab_size):
-  toks = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 1, vocab_size)
-  return toks, dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
+def _tiny_batch(lm):
+  toks = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 1, lm.module.vocab_size)
+  batch = dict(decoder_input_tokens=toks, decoder_target_tokens=jnp.roll(toks, -1, 1))
+  if getattr(lm, "features", None) == "encoder_decoder":
+    batch["encoder_input_tokens"] = jnp.flip(toks, 1)
+  return toks, batch
 
 
 def _loss_and_grads(lm, deterministic):
@@ -238,7 +241,7 @@ def _single_device(preset, bindings, deterministic):
   """Loss and gradients of the packed (single-device) model: computed once per worker and
   shared by the mesh cases."""
   lm = config.load_model([preset], list(bindings))
-  toks, batch = _tiny_batch(lm.module.vocab_size)
+  toks, batch = _tiny_batch(lm)
   variables = jax.jit(lm.module.init)(jax.random.PRNGKey(1), toks)
   loss, grads = _loss_and_grads(lm, deterministic)(variables, batch)
   return float(loss), jax.tree.map(np.asarray, nn.meta.unbox(grads))
@@ -252,7 +255,7 @@ def _check_sharded_model(preset, bindings, mesh_dims, deterministic):
   lm = config.load_model([preset], list(bindings) + [
       "MOE_LAYOUT = 'grouped'", f"NUM_EXPERT_PARTITIONS = {mesh_dims[1]}"])
   part.validate(lm.module, mesh, RULES, batch_size=8)
-  toks, batch = _tiny_batch(lm.module.vocab_size)
+  toks, batch = _tiny_batch(lm)
   sharded = part.init_sharded(lm.module, mesh, RULES, toks, rng=jax.random.PRNGKey(1))
   with part.activate(mesh, RULES):
     s_loss, s_grads = _loss_and_grads(lm, deterministic)(sharded,
@@ -269,6 +272,17 @@ def test_tiny_model_sharded_equals_single_device(mesh_dims):
                                  mesh_dims, deterministic=True)
   wi = nn.meta.unbox(sharded)["params"]["layers"]["block_3"]["moe"]["experts"]["wi"]
   assert wi.sharding.shard_shape(wi.shape)[1] == 8 // mesh_dims[1]  # [layers, E, H, F]
+
+
+@pytest.mark.parametrize("mesh_dims", MESHES)
+def test_tiny_encoder_decoder_sharded_equals_single_device(mesh_dims):
+  """Switch (top-1) in both stacks of the encoder-decoder, two layers each, in training mode."""
+  sharded = _check_sharded_model("gin_configs/models/switch_base_8_tiny.gin",
+                                 ["NUM_LAYERS = 2", "EVAL_CAPACITY_FACTOR = 1.0"], mesh_dims,
+                                 deterministic=False)
+  for stack in ("encoder", "decoder"):
+    wi = nn.meta.unbox(sharded)["params"][stack]["layers_1"]["moe"]["experts"]["wi"]
+    assert wi.sharding.shard_shape(wi.shape)[0] == 8 // mesh_dims[1]  # [E, H, F]
 
 
 @pytest.mark.parametrize("mesh_dims", DROPLESS_MESHES)

@@ -189,6 +189,18 @@ def test_tiny_encoder_decoder_trains(name):
   np.testing.assert_allclose(metrics["loss/aux_loss"], np.mean(per_layer), rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,dropout,expert_dropout", [
+    ("switch_base_8", 0.1, 0.4), ("st_moe_32b", 0.1, 0.1), ("switch_base_decoder_only", 0.1, 0.4),
+    ("mixtral_8x7b", 0.1, 0.1)])
+def test_finetune_gin_applies_the_presets_fine_tuning_recipe(name, dropout, expert_dropout):
+  config.load_model([f"gin_configs/models/{name}.gin", "gin_configs/runs/finetune.gin"],
+                    ["INIT_CHECKPOINT = '/nowhere'", "MODEL_DIR = '/nowhere'"])
+  module = config.configured_model().module
+  assert module.dropout_rate == dropout
+  assert {layer.expert_dropout_rate for layer in module.sparse_sublayers().values()} == {
+      expert_dropout}
+
+
 @pytest.mark.parametrize("binding,match", [
     ("MOE_EVERY = 0", "moe_every must be >= 1"),
     ("NUM_HEADS = 5\nHEAD_DIM = None", "num_heads=5 must divide d_model=64"),

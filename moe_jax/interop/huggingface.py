@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.interop.tensors import read_safetensors as _read_safetensors
 from moe_jax.model import Decoder
 from moe_jax.moe_layer import MoeLayer
 from moe_jax.routing import TokenChoiceRouter
@@ -92,17 +93,6 @@ def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
                     shared_expert_gate=True)
   settings.update(overrides)
   return Decoder(**settings)
-
-
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # only the converter needs safetensors
-  index = os.path.join(path, "model.safetensors.index.json")
-  files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
-           else ["model.safetensors"])
-  tensors = {}
-  for name in files:
-    tensors.update(load_file(os.path.join(path, name)))
-  return tensors
 
 
 def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) -> Dict:

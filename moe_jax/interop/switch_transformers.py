@@ -43,14 +43,12 @@ import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.encoder_decoder import EncoderDecoder
 from moe_jax.moe_layer import MoeLayer
+from moe_jax.interop.tensors import Tensors, checked_params, read_safetensors
 from moe_jax.routing import TokenChoiceRouter
 
 MODEL_TYPE = "switch_transformers"
@@ -108,29 +106,10 @@ def encoder_decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Encod
   return EncoderDecoder(**settings)
 
 
-class _Tensors:
-  """The checkpoint's tensors; `take` marks each read, `unread` lists the rest."""
-
-  def __init__(self, tensors: Mapping[str, np.ndarray]):
-    self._tensors, self._read = dict(tensors), set()
-
-  def take(self, key: str) -> np.ndarray:
-    if key not in self._tensors:
-      raise ValueError(f"the checkpoint has no tensor {key!r}, which this model needs.")
-    self._read.add(key)
-    return np.asarray(self._tensors[key], np.float32)
-
-  def has(self, key: str) -> bool:
-    return key in self._tensors
-
-  def unread(self):
-    return sorted(set(self._tensors) - self._read)
-
-
 def hf_to_params(tensors: Mapping[str, np.ndarray], module: EncoderDecoder) -> Dict:
   """Flat HF state dict -> our param tree (float32 numpy). Raises, naming the tensor, when the
   checkpoint lacks one the model needs or holds one the import did not read."""
-  ts = _Tensors(tensors)
+  ts = Tensors(tensors)
   h, n = module.d_model, module.num_heads
   d = module.head_dim or h // n
   shared = ts.take("shared.weight")
@@ -174,9 +153,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: EncoderDecoder) -> D
         layer["mlp"] = {w: ts.take(mlp + f"{w}.weight").T for w in ("wi", "wo")}
       tree[f"layers_{i}"] = layer
     params[stack] = tree
-  if ts.unread():
-    raise ValueError(f"checkpoint tensors the import did not read (a setting it does not "
-                     f"model?): {ts.unread()[:5]}{' …' if len(ts.unread()) > 5 else ''}")
+  ts.check_all_read()
   return params
 
 
@@ -262,32 +239,14 @@ def hf_config(module: EncoderDecoder, expert_capacity: Optional[int] = None) -> 
       "is_encoder_decoder": True}
 
 
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  from moe_jax.interop.huggingface import _read_safetensors as read  # pylint: disable=g-import-not-at-top
-  return read(path)
-
-
 def import_checkpoint(path: str, module: Optional[EncoderDecoder] = None, shardings: Any = None
                       ) -> Tuple[EncoderDecoder, Dict]:
   """(module, params) from a Hugging Face directory (config.json + safetensors); the module
   from config.json unless given (its shapes must match). `shardings`: place each array."""
   cfg = json.load(open(os.path.join(path, "config.json")))
   module = module or encoder_decoder_from_hf_config(cfg)
-  params = hf_to_params(_read_safetensors(path), module)
-  expected = nn.meta.unbox(jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
-  want = flax.traverse_util.flatten_dict(expected, sep="/")
-  got = flax.traverse_util.flatten_dict(params, sep="/")
-  missing = sorted(set(want) - set(got))
-  if missing:
-    raise ValueError(f"parameters the checkpoint does not fill: {missing[:5]}")
-  for key, shape in want.items():
-    if tuple(shape.shape) != got[key].shape:
-      raise ValueError(f"{key}: checkpoint shape {got[key].shape} != module shape "
-                       f"{tuple(shape.shape)}.")
-  if shardings is None:
-    return module, jax.tree.map(jnp.asarray, params)
-  return module, jax.tree.map(jax.device_put, params, shardings)
+  return module, checked_params(module, hf_to_params(read_safetensors(path), module),
+                                shardings)
 
 
 def export_checkpoint(module: EncoderDecoder, params: Mapping, path: str,
