@@ -150,9 +150,8 @@ class Attention(nn.Module):
     """The heads' outputs a [B, L, N, D] = softmax(q kᵀ / √D + mask) v, before the output
     projection. `values()` gives v [B, L, K, D]; it is called after the query and key
     projections (parameter creation order fixes the initial values)."""
-    batch, length, h = x.shape
+    batch, length, _ = x.shape
     n, k = self.num_heads, self.kv_heads
-    d = self.head_size(h)
     q = self.project(x, "query", n, ("embed", "heads", "kv"))
     key = self.project(x, "key", k, ("embed", "kv_heads", "kv"))
     value = values()
@@ -174,7 +173,16 @@ class Attention(nn.Module):
     mask = attention_mask(query_index, key_index, query_segments=segment_ids,
                           key_segments=key_segments, query_prefix=prefix_mask,
                           key_prefix=key_prefix, key_valid=key_valid)
+    return self.mix(q, key, value, mask, deterministic=deterministic,
+                    position_bias=position_bias)
 
+  def mix(self, q: Array, key: Array, value: Array, mask: Array, *, deterministic: bool,
+          position_bias: Optional[Array] = None, empty_reads_nothing: bool = False) -> Array:
+    """softmax(q kᵀ / √D + position_bias + mask) v: q [B, L, N, D], key / value [B, M, K, D],
+    mask [B, 1, L, M] -> [B, L, N, D]. empty_reads_nothing: a query whose mask allows no key
+    gets 0 (not a uniform mix of masked keys)."""
+    batch, length, n, d = q.shape
+    k = key.shape[2]
     # Grouped heads: q [B, L, K, N/K, D] so that query head n reads kv head n // (N/K).
     q = q.reshape(batch, length, k, n // k, d)
     logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * d**-0.5
@@ -182,8 +190,10 @@ class Attention(nn.Module):
       logits = logits + position_bias.astype(jnp.float32).reshape(
           (position_bias.shape[0], k, n // k) + position_bias.shape[2:])
     logits = jnp.where(mask[:, :, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if empty_reads_nothing:
+      probs = probs * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]
+    probs = nn.Dropout(self.dropout_rate)(probs.astype(self.dtype), deterministic=deterministic)
     return jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
 
   def _rotate(self, x: Array, positions: Array) -> Array:

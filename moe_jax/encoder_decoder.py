@@ -33,90 +33,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moe_jax import decoding
-from moe_jax.attention import _NEG_INF, Attention
+from moe_jax.attention import Attention
 from moe_jax.dense import Embed, LayerNorm, MlpBlock, RMSNorm, dense_init
-from moe_jax.model import (ACTIVATION_AXES, REMAT_POLICIES, DecoderBlock, is_sparse,
-                           moe_layer_ids, objective, stats_of)
+from moe_jax.model import (ACTIVATION_AXES, MOE_DENSE_FFN, REMAT_POLICIES, DecoderBlock,
+                           TrainingObjective, is_sparse, moe_layer_ids, stats_of)
+from moe_jax.positions import RelativePositionBias, sinusoidal_positions
 
 Array = jax.Array
 POSITION_EMBEDDINGS = ("relative", "rope", "sinusoidal")
 NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 STACKS = ("encoder", "decoder")
-
-
-# ----------------------------------------------------------------------------------------
-# T5 relative position buckets.
-# ----------------------------------------------------------------------------------------
-
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
-                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
-  """T5's bucket of each relative position (key − query), in numpy float32 as T5 computes it.
-
-  Causal: n = max(query − key, 0); bidirectional: half the buckets for keys after the query,
-  n = |key − query|. Buckets 0 … b/2−1 (b the buckets of a side) are exact distances, the
-  rest log-spaced up to max_distance; farther saturates at the last bucket.
-  """
-  rel = np.asarray(relative_position, np.int64)
-  bucket = np.zeros_like(rel)
-  if bidirectional:
-    num_buckets //= 2
-    bucket += (rel > 0) * num_buckets
-    n = np.abs(rel)
-  else:
-    n = -np.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  # (n < max_exact takes the exact bucket; the clip only keeps log away from 0 there)
-  large = max_exact + (np.log(np.maximum(n, 1).astype(np.float32) / max_exact)
-                       / math.log(max_distance / max_exact)
-                       * (num_buckets - max_exact)).astype(np.int64)
-  large = np.minimum(large, num_buckets - 1)
-  return bucket + np.where(n < max_exact, n, large)
-
-
-class RelativePositionBias(nn.Module):
-  """bias [B, N, Lq, Lk] = table[bucket(key − query)], one learned scalar per head and bucket.
-
-  Buckets come from a static lookup over key − query clipped to ±max_distance (farther ones
-  saturate), so the bucketing is exactly T5's float arithmetic and works with traced query
-  positions (the decoding cache's offset).
-  """
-  num_heads: int
-  bidirectional: bool
-  num_buckets: int = 32
-  max_distance: int = 128
-
-  @nn.compact
-  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
-    """query_positions [B, Lq], key_positions [B, Lk] (int) -> [B, N, Lq, Lk] float32."""
-    table = self.param("rel_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
-        (self.num_heads, self.num_buckets), jnp.float32)
-    distances = np.arange(-self.max_distance, self.max_distance + 1)
-    lookup = jnp.asarray(relative_position_bucket(
-        distances, self.bidirectional, self.num_buckets, self.max_distance), jnp.int32)
-    rel = key_positions[:, None, :] - query_positions[:, :, None]
-    buckets = lookup[jnp.clip(rel, -self.max_distance, self.max_distance) + self.max_distance]
-    return jnp.moveaxis(table[:, buckets], 0, 1)  # [N, B, Lq, Lk] -> [B, N, Lq, Lk]
-
-
-def sinusoidal_positions(positions: Array, features: int) -> Array:
-  """[sin | cos] of positions [B, L] at frequencies 10000^(−i / (F/2 − 1)), i < F/2 (fairseq's
-  table, as NLLB-MoE and M2M-100 add it to the scaled token embeddings) -> [B, L, F] float32."""
-  half = features // 2
-  inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32)
-                     * jnp.float32(-math.log(10000.0) / (half - 1)))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  return jnp.pad(table, ((0, 0), (0, 0), (0, features % 2)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,15 +85,9 @@ class CrossAttention(Attention):
       mask &= key_mask.astype(bool)[:, None, None, :]
     if query_segment_ids is not None and key_segment_ids is not None:
       mask &= (query_segment_ids[:, :, None] == key_segment_ids[:, None, :])[:, None]
-    q = q.reshape(batch, length, k, n // k, d)
-    logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * d**-0.5
-    logits = jnp.where(mask[:, :, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
     # A query with no key to read (an example without inputs: the LM objective) reads nothing,
     # rather than a uniform mix of other segments' keys.
-    probs = (probs * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]).astype(self.dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
+    out = self.mix(q, key, value, mask, deterministic=deterministic, empty_reads_nothing=True)
     return self.output(out, h)
 
   def _cached(self, project_kv: Callable[[], Tuple[Array, Array]], encoded: Array):
@@ -265,6 +192,7 @@ class EncoderDecoder(nn.Module):
     norm: "rms" (T5) or "layer" (LayerNorm with a bias: NLLB-MoE), norm_epsilon its ε.
     use_bias: biases in the attention projections and dense FFNs (NLLB-MoE; the experts' are
       the MoE layer's `expert_bias`). scale_embeddings: token embeddings × √H (NLLB-MoE).
+    decoder_start_id: the first decoder input (T5: 0, the padding id; NLLB-MoE: 2).
     encoder_moe_layer / decoder_moe_layer: MoE layer factories (gin's @MoeLayer; None: dense);
       encoder_moe_every / _offset / _layer_indices and decoder_…: their placement.
     moe_dense_ffn: "none", "parallel" or "sequential" (ST-MoE: a dense FFN after each MoE
@@ -292,6 +220,7 @@ class EncoderDecoder(nn.Module):
   norm: str = "rms"
   use_bias: bool = False
   scale_embeddings: bool = False
+  decoder_start_id: int = 0
   dtype: Any = jnp.float32
   encoder_moe_layer: Optional[Callable[..., nn.Module]] = None
   decoder_moe_layer: Optional[Callable[..., nn.Module]] = None
@@ -324,10 +253,15 @@ class EncoderDecoder(nn.Module):
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
                        "(or set head_dim explicitly).")
-    if self.moe_dense_ffn not in ("none", "parallel", "sequential"):
-      raise ValueError("moe_dense_ffn must be one of ('none', 'parallel', 'sequential'), got "
+    if self.moe_dense_ffn not in MOE_DENSE_FFN:
+      raise ValueError(f"moe_dense_ffn must be one of {MOE_DENSE_FFN}, got "
                        f"{self.moe_dense_ffn!r}.")
-    self.moe_ids("encoder"), self.moe_ids("decoder")  # validates both placements
+    for stack in STACKS:  # validates both placements, naming the stack's settings
+      try:
+        self.moe_ids(stack)
+      except ValueError as e:
+        raise ValueError(f"{stack}_moe_every / _offset / _layer_indices (num_{stack}_layers="
+                         f"{getattr(self, f'num_{stack}_layers')}): {e}") from None
     decoder_moe = self.sparse_sublayers().get("decoder/moe")
     if decoder_moe is not None and (decoder_moe.mixes_tokens or not decoder_moe.causal):
       raise ValueError(
@@ -369,10 +303,6 @@ class EncoderDecoder(nn.Module):
   @nn.nowrap
   def sparse_layer_ids(self) -> Dict[str, Tuple[int, ...]]:
     return {kind: self.moe_ids(kind.split("/")[0]) for kind in self.sparse_sublayers()}
-
-  @nn.nowrap
-  def check_decodable(self) -> None:
-    """The decoder routes causally (checked at construction); the encoder may do anything."""
 
   @property
   def num_layers(self) -> int:
@@ -498,7 +428,7 @@ class EncoderDecoder(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderDecoderLM:
+class EncoderDecoderLM(TrainingObjective):
   """An `EncoderDecoder` and its training objective (t5x's EncoderDecoderModel, in small).
 
   Batches use seqio's EncDecFeatureConverter names: encoder_input_tokens,
@@ -530,18 +460,6 @@ class EncoderDecoderLM:
     del bidirectional_prompt
     return generate(self.module, variables, prompt, **sampling)
 
-  def loss(self, variables, batch: Mapping[str, Array], *, deterministic: bool = False,
-           rngs=None, mutable=False):
-    """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
-    out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
-    returns_state = mutable is not False
-    (logits, stats), updates = out if returns_state else (out, None)
-    total, metrics = objective(logits, stats, batch, self.module.sparse_layer_ids(),
-                               aux_loss_weight=self.aux_loss_weight,
-                               router_z_loss_weight=self.router_z_loss_weight,
-                               logits_z_loss=self.logits_z_loss)
-    return ((total, metrics), updates) if returns_state else (total, metrics)
-
 
 # ----------------------------------------------------------------------------------------
 # Decoding.
@@ -550,9 +468,9 @@ class EncoderDecoderLM:
 def generate(module: EncoderDecoder, variables: Mapping[str, Any], encoder_tokens: Array, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: Optional[Array] = None, eos_id: Optional[int] = None,
-             decoder_start_id: int = 0) -> Tuple[Array, Array]:
+             decoder_start_id: Optional[int] = None) -> Tuple[Array, Array]:
   """Targets for `encoder_tokens` [B, Le] (0: padding): the encoder runs once, then the decoder
-  one token per step from `decoder_start_id` (T5's: 0), with its KV cache and the cross-
+  one token per step from `decoder_start_id` (None: the module's), with its KV cache and the cross-
   attention's cached encoder keys and values. Sampling as `decoding.generate`.
 
   Returns (tokens [B, N], logits [B, N, V] float32 that each token was drawn from).
@@ -565,7 +483,8 @@ def generate(module: EncoderDecoder, variables: Mapping[str, Any], encoder_token
   return _generate(module, variables, jnp.asarray(encoder_tokens, jnp.int32), rng,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
-                   decoder_start_id=int(decoder_start_id))
+                   decoder_start_id=int(module.decoder_start_id if decoder_start_id is None
+                                     else decoder_start_id))
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k",

@@ -300,6 +300,8 @@ class Decoder(nn.Module):
   def with_moe_settings(self, **settings) -> "Decoder":
     """A copy whose MoE FFN layers get `settings` (e.g. eval_capacity_factor) over the
     factory's."""
+    if self.moe_layer is None:  # sparse attention only: no FFN layer to change
+      return self
     return self.clone(moe_layer=functools.partial(self.moe_layer, **settings), parent=None)
 
   @nn.nowrap
@@ -418,8 +420,26 @@ def cross_entropy(logits: Array, targets: Array, weights: Array
   return (log_z - target_logit), log_z, jnp.sum(weights)
 
 
+class TrainingObjective:
+  """`loss` of a language model: its `apply(variables, batch, …) -> (logits, stats)`, the
+  decoder targets' cross-entropy and the sparse sub-layers' losses (`objective`). The model
+  dataclass gives aux_loss_weight, router_z_loss_weight, logits_z_loss and `module`."""
+
+  def loss(self, variables, batch: Mapping[str, Array], *, deterministic: bool = False,
+           rngs=None, mutable=False):
+    """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
+    out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
+    returns_state = mutable is not False  # flax: any collection list, even [], returns state
+    (logits, stats), updates = out if returns_state else (out, None)
+    total, metrics = objective(logits, stats, batch, self.module.sparse_layer_ids(),
+                               aux_loss_weight=self.aux_loss_weight,
+                               router_z_loss_weight=self.router_z_loss_weight,
+                               logits_z_loss=self.logits_z_loss)
+    return ((total, metrics), updates) if returns_state else (total, metrics)
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderOnlyLM:
+class DecoderOnlyLM(TrainingObjective):
   """A `Decoder` and its training objective (t5x's DecoderOnlyModel, in small).
 
   Batches use t5x's decoder-only feature names: decoder_input_tokens, decoder_target_tokens,
@@ -448,18 +468,6 @@ class DecoderOnlyLM:
     from moe_jax import decoding  # pylint: disable=g-import-not-at-top  (decoding imports us)
     prefix = jnp.ones_like(prompt) if bidirectional_prompt else None
     return decoding.generate(self.module, variables, prompt, prefix_mask=prefix, **sampling)
-
-  def loss(self, variables, batch: Mapping[str, Array], *, deterministic: bool = False,
-           rngs=None, mutable=False):
-    """(total loss, metrics) or, with `mutable`, ((total loss, metrics), updated variables)."""
-    out = self.apply(variables, batch, deterministic=deterministic, rngs=rngs, mutable=mutable)
-    returns_state = mutable is not False  # flax: any collection list, even [], returns state
-    (logits, stats), updates = out if returns_state else (out, None)
-    total, metrics = objective(logits, stats, batch, self.module.sparse_layer_ids(),
-                               aux_loss_weight=self.aux_loss_weight,
-                               router_z_loss_weight=self.router_z_loss_weight,
-                               logits_z_loss=self.logits_z_loss)
-    return ((total, metrics), updates) if returns_state else (total, metrics)
 
 
 def objective(logits: Array, stats: Dict[str, Array], batch: Mapping[str, Array],

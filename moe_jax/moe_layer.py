@@ -129,9 +129,10 @@ class MoeLayer(SparseSublayer, nn.Module):
       tokens (which take no capacity) instead of raising.
     expert_dropout_rate: dropout on the experts' hidden units (training only).
     expert_bias: biases in the expert projections (NLLB-MoE); plain reference kernels.
-    token_dropout_rate: NLLB-MoE's `moe_token_dropout` p: dropout on the layer's output in
-      training (scaled by 1 / (1 − p), as any dropout) and the output scaled by (1 − p) in
-      evaluation (fairseq's convention, which NLLB-MoE checkpoints expect).
+    token_dropout_rate: NLLB-MoE's `moe_token_dropout` p as transformers applies it: dropout on
+      the layer's output in training (rescaled by 1 / (1 − p), as any dropout) and the output
+      scaled by (1 − p) in evaluation — an evaluation output (1 − p) times the training
+      expectation, which NLLB-MoE checkpoints were converted to expect.
     dtype: activation/computation dtype of the experts (the router is always float32).
     expert_implementation: "auto" (fastest for the backend), "reference" (plain batched einsum
       / lax.ragged_dot) or "loop" (custom-VJP loops over experts); see experts.py. With

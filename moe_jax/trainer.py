@@ -92,6 +92,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED,
   if init_mode not in ("params", "sparse_upcycle"):
     raise checks.SettingError(f"train.init_mode = {init_mode!r}; choose 'params' or "
                               "'sparse_upcycle'.")
+  if init_mode == "sparse_upcycle" and not init_checkpoint:
+    raise checks.SettingError("train.init_mode = 'sparse_upcycle' needs the dense run's "
+                              "checkpoints: set train.init_checkpoint (INITIAL_CHECKPOINT_PATH).")
   input_shards = input_shards or jax.process_count()
   checks.train_settings(train_steps=train_steps, sequence_length=sequence_length,
                         batch_size=batch_size, microbatches=microbatches,

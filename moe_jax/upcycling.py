@@ -80,7 +80,7 @@ def plan(target: Mapping[str, Tuple[int, ...]], source: Mapping[str, Tuple[int, 
   """{MoE param path: None (fresh) or (experts: bool, [(dense path, row or None), …] one per
   stacked unit, or one)}; raises a SettingError naming the first tensor that does not fit."""
   target_layout, source_layout = _Layout(target), _Layout(source)
-  out, used = {}, set()
+  out, used, dense_of_layer = {}, {}, {}
   for path, shape in sorted(target.items()):
     if any(part in FRESH for part in path.split("/")):
       out[path] = None
@@ -93,25 +93,46 @@ def plan(target: Mapping[str, Tuple[int, ...]], source: Mapping[str, Tuple[int, 
       pieces = [source_layout.locate(layer, _dense_name(generic)) for layer, generic in rows]
     want = shape[(1 if rows is not None and target_layout.period else 0):]
     want = want[1:] if experts else want
+    if experts:  # a residual MoE's dense FFN beside its experts would count the FFN twice
+      for name, row in pieces:
+        dense_of_layer.setdefault((name, row), []).append(path)
     for name, row in pieces:
       if name not in source:
         raise checks.SettingError(
             f"sparse upcycling: the MoE model's {path} needs the dense checkpoint's {name}, "
             "which it lacks: the dense model must have the MoE model's base shape (layers, "
             "names; scan_layers either way).")
+      if row is not None and row >= source[name][0]:
+        raise checks.SettingError(
+            f"sparse upcycling: the MoE model's {path} needs layer row {row} of the dense "
+            f"checkpoint's {name}, which has {source[name][0]}: the dense model has fewer "
+            "layers.")
       have = source[name][1:] if row is not None else source[name]
       if tuple(have) != tuple(want):
+        per = " per layer" if row is not None or rows is not None else ""
         raise checks.SettingError(
-            f"sparse upcycling: the dense checkpoint's {name} is {list(have)} per layer but the "
+            f"sparse upcycling: the dense checkpoint's {name} is {list(have)}{per} but the "
             f"MoE model's {path} needs {list(want)}{' per expert' if experts else ''}: the "
             "dense model must have the same base shape (D_MODEL, MLP_DIM = EXPERT_DIM, "
             "heads, vocabulary).")
-      used.add(name)
+      used.setdefault(name, set()).add(row)
     out[path] = (experts, pieces)
-  unused = sorted(set(source) - used)
-  if unused:
-    raise checks.SettingError(f"sparse upcycling: the dense checkpoint's {unused[0]} has no "
-                              "place in the MoE model (another architecture?).")
+  for path, entry in out.items():
+    if entry is not None and not entry[0] and any(
+        key in dense_of_layer for key in entry[1]):
+      raise checks.SettingError(
+          f"sparse upcycling: the MoE model's {path} and its experts would both copy the "
+          "dense FFN (a residual MoE, moe_dense_ffn='parallel'), computing it twice; upcycle "
+          "into a model without the parallel dense FFN.")
+  for name in sorted(source):
+    rows = used.get(name, set())
+    missing = (not rows if source_layout.period is None or None in rows
+               else sorted(set(range(source[name][0])) - rows))
+    if missing:
+      which = "" if missing is True else f" (layer rows {missing[:4]})"
+      raise checks.SettingError(f"sparse upcycling: the dense checkpoint's {name}{which} has "
+                                "no place in the MoE model (more layers, another "
+                                "architecture?).")
   return out
 
 
@@ -122,6 +143,11 @@ def _flat(tree) -> Dict[str, Any]:
 def check(abstract_params, checkpoint_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
   """The plan for the MoE `abstract_params` from the checkpoint's metadata (no array read);
   a SettingError naming the first tensor that does not fit."""
+  return _check(abstract_params, checkpoint_dir, step)[0]
+
+
+def _check(abstract_params, checkpoint_dir: str, step: Optional[int]):
+  """(plan, the checkpoint step, its saved shapes)."""
   steps = checkpoints_lib.committed_steps(checkpoint_dir)
   if not steps or (step is not None and int(step) not in steps):
     raise checks.SettingError(f"sparse upcycling: no committed checkpoint in {checkpoint_dir} "
@@ -131,14 +157,13 @@ def check(abstract_params, checkpoint_dir: str, step: Optional[int] = None) -> D
   saved = {k[len("params/"):]: v for k, v in
            checkpoints_lib.saved_shapes(checkpoint_dir, step).items() if k.startswith("params/")}
   target = {k: tuple(v.shape) for k, v in _flat(abstract_params).items()}
-  return plan(target, saved)
+  return plan(target, saved), step, saved
 
 
-def _source_sharding(target_sharding: NamedSharding, experts: bool, scanned_target: bool,
-                     source_row: Optional[int]) -> NamedSharding:
+def _source_sharding(target_sharding: NamedSharding, ndim: int, experts: bool,
+                     scanned_target: bool, source_row: Optional[int]) -> NamedSharding:
   """The sharding of a dense array that becomes (part of) a target with `target_sharding`."""
-  spec = list(target_sharding.spec) + [None] * 8
-  axes = spec[:len(target_sharding.spec)]
+  axes = list(target_sharding.spec) + [None] * (ndim - len(target_sharding.spec))
   if experts:  # drop the expert axis (after the units axis when scanned)
     del axes[1 if scanned_target else 0]
   if scanned_target:
@@ -152,19 +177,18 @@ def upcycle(checkpoint_dir: str, params, shardings, step: Optional[int] = None):
   """(MoE params, the dense step): `params` (the MoE model's fresh, sharded initialisation)
   with every parameter the plan finds taken from the dense checkpoint."""
   flat_params, flat_shardings = _flat(params), _flat(shardings)
-  the_plan = check(params, checkpoint_dir, step)
+  the_plan, step, saved = _check(params, checkpoint_dir, step)
   scanned = lambda path: _SCANNED.match(path) is not None  # a stacked [units, …] parameter
   sources = {}
   for path, entry in the_plan.items():
     if entry is not None:
       experts, pieces = entry
       for name, row in pieces:
-        sources.setdefault(name, _source_sharding(flat_shardings[path], experts, scanned(path),
-                                                  row))
-  saved = checkpoints_lib.saved_shapes(checkpoint_dir, step or max(
-      checkpoints_lib.committed_steps(checkpoint_dir)))
+        sources.setdefault(name, _source_sharding(flat_shardings[path],
+                                                  flat_params[path].ndim, experts,
+                                                  scanned(path), row))
   abstract = flax.traverse_util.unflatten_dict({
-      tuple(name.split("/")): jax.ShapeDtypeStruct(saved["params/" + name], jnp.float32,
+      tuple(name.split("/")): jax.ShapeDtypeStruct(saved[name], jnp.float32,
                                                    sharding=sharding)
       for name, sharding in sources.items()})
   dense, _, dense_step = checkpoints_lib.restore_params(checkpoint_dir, abstract, None, step)

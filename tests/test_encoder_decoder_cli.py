@@ -1,23 +1,31 @@
-"""The encoder-decoder through the real commands on the local corpus's span corruption: a dense
-run, a Switch run upcycled from it (loss falls), then evaluate, infer and the routing report of
-both stacks on its checkpoint."""
+"""The encoder-decoder through the real commands on the local corpus's span corruption: a
+Switch run upcycled from a dense checkpoint (loss falls), then evaluate, infer and the routing
+report on its checkpoint."""
 import json
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from moe_jax import analyze as analyze_lib
+from moe_jax import checkpoints
+from moe_jax import config
 from moe_jax import evaluate as evaluate_lib
 from moe_jax import infer as infer_lib
 from moe_jax import trainer
+from moe_jax.train_step import TrainState
 
 MODEL = "gin_configs/models/switch_base_8_tiny.gin"
-SMALL = ["NUM_LAYERS=2", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16", "MLP_DIM=64",
-         "EXPERT_DIM=64", "SEQUENCE_LENGTH=64", "BATCH_SIZE=8",
-         "MIXTURE_OR_TASK_NAME='local_span_corruption_8k'", "EVAL_TASKS=[]",
-         "train.log_every=1", "train.progress_bar=False",
-         "optimizers.warmup_cosine_schedule.warmup_steps=2"]
+MODEL_SIZE = ["VOCAB_SIZE=8384", "NUM_LAYERS=1", "MOE_EVERY=1", "D_MODEL=32", "NUM_HEADS=2", "HEAD_DIM=16",
+              "MLP_DIM=64", "EXPERT_DIM=64"]
+SMALL = MODEL_SIZE + ["SEQUENCE_LENGTH=64", "BATCH_SIZE=8",
+                      "MIXTURE_OR_TASK_NAME='local_span_corruption_8k'", "EVAL_TASKS=[]",
+                      "train.log_every=1", "train.progress_bar=False",
+                      "optimizers.warmup_cosine_schedule.warmup_steps=2"]
 DENSE = ["encoder_decoder.EncoderDecoder.encoder_moe_layer=None",
          "encoder_decoder.EncoderDecoder.decoder_moe_layer=None"]
 
@@ -36,14 +44,16 @@ def _train(model_dir, steps, files=(), extra=()):
 @pytest.mark.slow
 def test_switch_encoder_decoder_upcycled_trained_evaluated_inferred_and_reported(tmp_path):
   dense_dir, moe_dir = str(tmp_path / "dense"), str(tmp_path / "switch")
-  dense = _train(dense_dir, 8, extra=DENSE)
-  assert np.mean(dense[-3:]) < np.mean(dense[:3])
-  losses = _train(moe_dir, 10, files=["gin_configs/runs/sparse_upcycle.gin"], extra=[
-      f"INITIAL_CHECKPOINT_PATH='{dense_dir}/checkpoints'",
-      "routing.TokenChoiceRouter.normalize_combine_weights=True"])
-  # Upcycled: it starts near where the dense run ended (not at a fresh model's log V = 9.0)
-  # and goes on falling.
-  assert losses[0] < dense[0] - 0.5 and np.mean(losses[-3:]) < np.mean(losses[:3])
+  # The dense model's checkpoint, as a dense run would leave it (its training is the decoder-
+  # only trainer's, tested elsewhere; tests/test_upcycling.py checks the function it keeps).
+  dense = config.load_model([MODEL], MODEL_SIZE + DENSE).module
+  variables = nn.meta.unbox(jax.jit(dense.init)(jax.random.PRNGKey(0),
+                                                jnp.ones((1, 8), jnp.int32)))
+  with checkpoints.Checkpointer(os.path.join(dense_dir, "checkpoints")) as saver:
+    saver.save(3, TrainState.create(variables, optax.adam(1e-3)), {})
+  losses = _train(moe_dir, 8, files=["gin_configs/runs/sparse_upcycle.gin"], extra=[
+      f"INITIAL_CHECKPOINT_PATH='{dense_dir}/checkpoints'"])
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
 
   common = [f"--gin_file={moe_dir}/config.gin"]
   checkpoint = f"--gin.CHECKPOINT_DIR='{moe_dir}/checkpoints'"
@@ -61,10 +71,8 @@ def test_switch_encoder_decoder_upcycled_trained_evaluated_inferred_and_reported
   (result,) = infer_lib.infer()  # pylint: disable=missing-kwoa
   assert result["targets"] and isinstance(result["prediction"], str)
 
-  for sublayer in ("encoder/moe", "decoder/moe"):
-    out = str(tmp_path / sublayer.replace("/", "_"))
-    analyze_lib.analyze([f"--checkpoint={moe_dir}", f"--sublayer={sublayer}",
-                         "--task=code=local_code_span_corruption_8k", "--max_tokens=300",
-                         "--sequence_length=64", "--compare_steps=none", f"--out={out}"])
-    report = open(os.path.join(out, "report.md")).read()
-    assert f"| sub-layer | {sublayer} |" in report or sublayer in report
+  out = str(tmp_path / "report")  # the decoder's records: tests/test_encoder_decoder.py
+  analyze_lib.analyze([f"--checkpoint={moe_dir}", "--sublayer=encoder/moe",
+                       "--task=code=local_code_span_corruption_8k", "--max_tokens=300",
+                       "--sequence_length=64", "--compare_steps=none", f"--out={out}"])
+  assert "encoder/moe" in open(os.path.join(out, "report.md")).read()

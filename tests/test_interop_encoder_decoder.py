@@ -101,6 +101,20 @@ def test_switch_transformers_bad_checkpoints_name_the_tensor_or_setting(tmp_path
     st.encoder_decoder_from_hf_config(cfg)
 
 
+def test_switch_transformers_export_refuses_what_it_cannot_write(tmp_path):
+  from moe_jax import config
+  lm = config.load_model(["gin_configs/models/switch_base_8_tiny.gin"])  # routes by a factor
+  with pytest.raises(ValueError, match=r"expert_capacity: give the fixed per-sequence capacity"):
+    st.hf_config(lm.module)
+  assert st.hf_config(lm.module, expert_capacity=16)["expert_capacity"] == 16
+  with pytest.raises(ValueError, match=r"SwitchTransformers needs activation='relu'; this model "
+                     "has 'geglu'"):
+    st.hf_config(config.load_model(["gin_configs/models/st_moe_base_tiny.gin"]).module)
+  with pytest.raises(ValueError, match="normalize_combine_weights=False"):
+    st.hf_config(config.load_model(["gin_configs/models/switch_base_8_tiny.gin"], [
+        "routing.TokenChoiceRouter.normalize_combine_weights = True"]).module, 16)
+
+
 # --- NLLB-MoE ------------------------------------------------------------------------------
 
 def _intended_nllb_experts(self, hidden_states, router_mask, router_probs):
@@ -152,14 +166,16 @@ def test_nllb_moe_import_matches_transformers(tmp_path, monkeypatch, capsys):
   with capsys.disabled():
     print(f"\nnllb_moe: max |logits − transformers| = {diff:.2e}")
   assert diff <= 1e-5
-  new, _ = ed.generate(module, {"params": params}, jnp.asarray(inputs), max_new_tokens=8,
-                       decoder_start_id=2)
+  assert module.decoder_start_id == 2  # from config.json
+  new, _ = ed.generate(module, {"params": params}, jnp.asarray(inputs), max_new_tokens=8)
   with torch.no_grad():
     hf_new = theirs.generate(torch.as_tensor(inputs), max_new_tokens=8, do_sample=False,
                              num_beams=1, eos_token_id=None).numpy()
   np.testing.assert_array_equal(np.asarray(new), hf_new[:, 1:])
   export_dir = tmp_path / "back"
-  nllb_moe.export_checkpoint(module, params, str(export_dir))
+  # (router_ignore_padding_tokens as in tiny_nllb: 5.25's padding path inverts the mask)
+  nllb_moe.export_checkpoint(module, params, str(export_dir),
+                             {"router_ignore_padding_tokens": True})
   again = transformers.NllbMoeForConditionalGeneration.from_pretrained(export_dir).float().eval()
   np.testing.assert_array_equal(hf_logits(again, inputs, decoder_inputs),
                                 hf_logits(theirs, inputs, decoder_inputs))

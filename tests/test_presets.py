@@ -169,7 +169,9 @@ def test_tiny_preset_trains(name):
 @pytest.mark.parametrize("name", ["switch_base_8_tiny", "st_moe_32b_tiny"])
 def test_tiny_encoder_decoder_trains(name):
   """Tied ReLU top-1 / untied top-2 GEGLU with the extra dense FFN."""
-  lm = load(name, "moe_layer.MoeLayer.expert_implementation = 'reference'")
+  # Two layers a stack (ST-MoE's MoE every 2nd instead of 4th): a quick compile, same recipe.
+  lm = load(name, "moe_layer.MoeLayer.expert_implementation = 'reference'", "NUM_LAYERS = 2",
+            "MOE_EVERY = 2")
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   inputs = jax.random.randint(keys[0], (2, 24), 1, lm.module.vocab_size)
   targets = jax.random.randint(keys[1], (2, 12), 1, lm.module.vocab_size)
@@ -189,16 +191,19 @@ def test_tiny_encoder_decoder_trains(name):
   np.testing.assert_allclose(metrics["loss/aux_loss"], np.mean(per_layer), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,dropout,expert_dropout", [
-    ("switch_base_8", 0.1, 0.4), ("st_moe_32b", 0.1, 0.1), ("switch_base_decoder_only", 0.1, 0.4),
-    ("mixtral_8x7b", 0.1, 0.1)])
-def test_finetune_gin_applies_the_presets_fine_tuning_recipe(name, dropout, expert_dropout):
+@pytest.mark.parametrize("name,dropout,expert_dropout,eval_cf", [
+    ("switch_base_8", 0.1, 0.4, 2.0), ("st_moe_32b", 0.1, 0.1, 1.0),
+    ("switch_xxl_128", 0.1, 0.4, 4.0), ("switch_base_decoder_only", 0.1, 0.4, 2.0),
+    ("mixtral_8x7b", 0.1, 0.1, 2.0)])
+def test_finetune_gin_applies_the_presets_fine_tuning_recipe(name, dropout, expert_dropout,
+                                                             eval_cf):
   config.load_model([f"gin_configs/models/{name}.gin", "gin_configs/runs/finetune.gin"],
                     ["INIT_CHECKPOINT = '/nowhere'", "MODEL_DIR = '/nowhere'"])
   module = config.configured_model().module
   assert module.dropout_rate == dropout
-  assert {layer.expert_dropout_rate for layer in module.sparse_sublayers().values()} == {
-      expert_dropout}
+  layers = module.sparse_sublayers().values()
+  assert {layer.expert_dropout_rate for layer in layers} == {expert_dropout}
+  assert {layer.eval_capacity_factor for layer in layers} == {eval_cf}
 
 
 @pytest.mark.parametrize("binding,match", [

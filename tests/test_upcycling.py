@@ -29,12 +29,17 @@ def moe(k):
 
 
 def decoder(**kw):
-  return Decoder(**{**dict(vocab_size=100, num_layers=4, d_model=32, num_heads=4, mlp_dim=48),
+  return Decoder(**{**dict(vocab_size=100, num_layers=2, d_model=32, num_heads=4, mlp_dim=48),
                     **kw})
 
 
-def save_dense(module, path, step=7):
-  variables = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), TOKENS))
+def save_dense(module, path, step=7, shapes_only=False):
+  """A dense run's checkpoint of `module`; shapes_only: zeros (the checks read shapes only)."""
+  if shapes_only:
+    shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), TOKENS)
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes))
+  else:
+    variables = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), TOKENS))
   with checkpoints.Checkpointer(str(path)) as saver:
     saver.save(step, TrainState.create(variables, optax.adam(1e-3)), {})
   return variables
@@ -63,14 +68,15 @@ def test_upcycled_decoder_computes_the_dense_function(tmp_path, dense_scan, moe_
   want, _ = jax.jit(dense.apply)(dense_vars, TOKENS)
   got, _ = jax.jit(sparse.apply)(variables, TOKENS)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-  layer = (lambda p: p["layers"]["block_1"]) if moe_scan else (lambda p: p["layers_3"])
+  layer = (lambda p: p["layers"]["block_1"]) if moe_scan else (lambda p: p["layers_1"])
   np.testing.assert_array_equal(layer(variables["params"])["moe"]["router"]["logits"]["kernel"],
                                 layer(fresh["params"])["moe"]["router"]["logits"]["kernel"])
 
 
 def test_upcycled_encoder_decoder_computes_the_dense_function(tmp_path):
-  settings = dict(vocab_size=100, d_model=32, num_heads=4, mlp_dim=48, num_encoder_layers=2,
-                  num_decoder_layers=2, activation="swiglu")
+  settings = dict(vocab_size=100, d_model=32, num_heads=4, mlp_dim=48, num_encoder_layers=1,
+                  num_decoder_layers=1, activation="swiglu", encoder_moe_every=1,
+                  decoder_moe_every=1)
   dense = ed.EncoderDecoder(**settings)
   dense_vars = save_dense(dense, tmp_path)
   sparse = ed.EncoderDecoder(**settings, encoder_moe_layer=moe(1), decoder_moe_layer=moe(1))
@@ -94,16 +100,31 @@ def test_upcycled_experts_are_sharded_as_the_target_mesh_says(tmp_path):
 
 
 def test_a_dense_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path):
-  save_dense(decoder(mlp_dim=64), tmp_path / "wide")
+  save_dense(decoder(mlp_dim=64), tmp_path / "wide", shapes_only=True)
   sparse = decoder(moe_layer=moe(2), moe_every=2)
   abstract = nn.meta.unbox(jax.eval_shape(
       lambda t: sparse.init(jax.random.PRNGKey(0), t), TOKENS))["params"]
   with pytest.raises(checks.SettingError, match=r"the dense checkpoint's layers_0/mlp/wi is "
                      r"\[32, 64\] per layer but the MoE model's layers_0/mlp/wi needs \[32, 48\]"):
     upcycling.check(abstract, str(tmp_path / "wide"))
-  save_dense(decoder(num_layers=6), tmp_path / "deep")
-  with pytest.raises(checks.SettingError, match=r"the dense checkpoint's layers_4/attention/key "
+  save_dense(decoder(num_layers=4), tmp_path / "deep", shapes_only=True)
+  with pytest.raises(checks.SettingError, match=r"the dense checkpoint's layers_2/attention/key "
                      "has no place in the MoE model"):
     upcycling.check(abstract, str(tmp_path / "deep"))
   with pytest.raises(checks.SettingError, match="no committed checkpoint"):
     upcycling.check(abstract, str(tmp_path / "nothing"))
+  # Scanned dense checkpoints: layers are rows of one stacked array, counted as well.
+  save_dense(decoder(num_layers=4, scan_layers=True), tmp_path / "deep_scanned", shapes_only=True)
+  with pytest.raises(checks.SettingError, match=r"the dense checkpoint's "
+                     r"layers/block_0/attention/key \(layer rows \[2, 3\]\) has no place"):
+    upcycling.check(abstract, str(tmp_path / "deep_scanned"))
+  save_dense(decoder(num_layers=1, scan_layers=True), tmp_path / "shallow_scanned", shapes_only=True)
+  with pytest.raises(checks.SettingError, match=r"needs layer row 1 of the dense checkpoint's "
+                     r"layers/block_0/.*, which has 1: the dense model has fewer layers"):
+    upcycling.check(abstract, str(tmp_path / "shallow_scanned"))
+  residual = decoder(moe_layer=moe(2), moe_every=2, moe_dense_ffn="parallel")
+  abstract = nn.meta.unbox(jax.eval_shape(
+      lambda t: residual.init(jax.random.PRNGKey(0), t), TOKENS))["params"]
+  save_dense(decoder(), tmp_path / "dense", shapes_only=True)
+  with pytest.raises(checks.SettingError, match="would both copy the dense FFN"):
+    upcycling.check(abstract, str(tmp_path / "dense"))

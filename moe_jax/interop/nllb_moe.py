@@ -26,13 +26,16 @@ Where the semantics differ:
   * Gates are top-1 / top-2 probabilities renormalised to sum to 1; theirs renormalise after
     dropping by default (a token whose second choice dropped keeps weight 1 on the first), ours
     before (it keeps its first weight).
-  * `moe_token_dropout` p: the expert output is scaled by (1 − p) in evaluation and dropped out
-    (at rate p, scaled by 1 / (1 − p)) in training: ours on the combined output, theirs per
-    expert output (the same in evaluation).
+  * `moe_token_dropout` p, as transformers' NllbMoe applies it: the expert output is scaled by
+    (1 − p) in evaluation and dropped out (rate p, rescaled by 1 / (1 − p)) in training, so its
+    evaluation expectation is (1 − p) times its training one; ours on the combined output,
+    theirs per expert output (the same in evaluation). Training from such a checkpoint keeps
+    that mismatch, as theirs does.
   * second_expert_policy "sampling" and "random" draw noise even in evaluation; only "all" is
     imported.
   * Padding: their padding id is 1 and the model reads an attention mask; ours treats id 0 as
-    padding. Feed unpadded rows (or pack) for equal logits.
+    padding (id 0 is NLLB's <s>). Feed unpadded rows (or pack) for equal logits. Decoding
+    starts from config.json's decoder_start_token_id (2), which the import keeps.
   * transformers 5.25's `NllbMoeExperts.forward` one-hots an index it already one-hot encoded:
     only experts 0 and 1 ever run. The parity test patches it with the intended sum over the
     chosen experts (transformers 4.x's); checkpoints are unaffected.
@@ -43,8 +46,6 @@ Where the semantics differ:
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -52,7 +53,8 @@ import numpy as np
 
 from moe_jax.encoder_decoder import EncoderDecoder
 from moe_jax.moe_layer import MoeLayer
-from moe_jax.interop.tensors import Tensors, checked_params, read_safetensors
+from moe_jax.interop import tensors as tensors_lib
+from moe_jax.interop.tensors import Tensors, take_tied
 from moe_jax.routing import TokenChoiceRouter
 
 MODEL_TYPE = "nllb-moe"
@@ -97,7 +99,8 @@ def encoder_decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Encod
       attention_dropout_rate=float(cfg.get("attention_dropout", 0.0)), norm="layer",
       norm_epsilon=1e-5, use_bias=True, scale_embeddings=bool(cfg.get("scale_embedding", True)),
       position_embedding="sinusoidal", sinusoidal_offset=2,
-      tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), tied_output_scale=False)
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), tied_output_scale=False,
+      decoder_start_id=int(cfg.get("decoder_start_token_id", 2)))
   for stack in _STACKS:
     ids = sparse_layers(cfg, stack)
     if ids:
@@ -111,12 +114,10 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: EncoderDecoder) -> D
   ts = Tensors(tensors)
   h, n = module.d_model, module.num_heads
   d = module.head_dim or h // n
-  shared = ts.take("model.shared.weight")
+  shared = take_tied(ts, "model.shared.weight", ("model.encoder.embed_tokens.weight",
+                                                  "model.decoder.embed_tokens.weight",
+                                                  "lm_head.weight"), module.tie_embeddings)
   params = {"token_embed": {"embedding": shared}}
-  for key in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight") + (
-      ("lm_head.weight",) if module.tie_embeddings else ()):
-    if ts.has(key) and not np.array_equal(ts.take(key), shared):
-      raise ValueError(f"{key} differs from model.shared.weight: the model ties them.")
   if not module.tie_embeddings:
     params["lm_head"] = ts.take("lm_head.weight").T
   norm = lambda p: {"scale": ts.take(p + ".weight"), "bias": ts.take(p + ".bias")}
@@ -206,20 +207,27 @@ def params_to_hf(params: Mapping, module: EncoderDecoder) -> Dict[str, np.ndarra
 
 def hf_config(module: EncoderDecoder) -> Dict[str, Any]:
   """The config.json of an NLLB-style `module` (as `encoder_decoder_from_hf_config` builds)."""
-  if not (module.norm == "layer" and module.use_bias and module.position_embedding ==
-          "sinusoidal" and not module.tied_output_scale and module.activation == "relu"):
-    raise ValueError("not an NLLB-MoE-style model: it needs norm='layer', use_bias, "
-                     "position_embedding='sinusoidal', tied_output_scale=False and ReLU.")
-  sparse = module.sparse_sublayers()
-  layer = next(iter(sparse.values()))
-  steps = {}
-  for stack in _STACKS:
-    ids, layers = module.moe_ids(stack), getattr(module, f"num_{stack}_layers")
-    step = next((s for s in range(1, layers + 1)
-                 if ids == tuple(i for i in range(layers) if (i + 1) % s == 0)), None)
-    if ids and step is None:
-      raise ValueError(f"the {stack}'s sparse layers {ids} are not every step-th layer.")
-    steps[stack] = step if ids else 0
+  wanted = {"norm": "layer", "use_bias": True, "position_embedding": "sinusoidal",
+            "tied_output_scale": False, "activation": "relu", "moe_dense_ffn": "none"}
+  for name, value in wanted.items():
+    if getattr(module, name) != value:
+      raise ValueError(f"NLLB-MoE needs {name}={value!r}; this model has "
+                       f"{getattr(module, name)!r}.")
+  layers = list(module.sparse_sublayers().values())
+  for layer in layers:
+    for name, value in (("num_selected_experts", 2), ("expert_bias", True),
+                        ("num_experts", layers[0].num_experts),
+                        ("eval_capacity_factor", layers[0].eval_capacity_factor),
+                        ("token_dropout_rate", layers[0].token_dropout_rate)):
+      have = getattr(layer.router if name == "num_selected_experts" else layer, name)
+      if have != value:
+        raise ValueError(f"NLLB-MoE needs MoE layers with {name}={value!r} (in both "
+                         f"stacks); this model has {have!r}.")
+  layer = layers[0]
+  steps = {stack: tensors_lib.every_step(module.moe_ids(stack),
+                                         getattr(module, f"num_{stack}_layers"),
+                                         lambda i, s: (i + 1) % s == 0)
+           for stack in _STACKS}
   return {
       "model_type": MODEL_TYPE, "architectures": ["NllbMoeForConditionalGeneration"],
       "vocab_size": module.vocab_size, "d_model": module.d_model,
@@ -229,32 +237,28 @@ def hf_config(module: EncoderDecoder) -> Dict[str, Any]:
       "encoder_sparse_step": steps["encoder"], "decoder_sparse_step": steps["decoder"],
       "num_experts": layer.num_experts, "expert_capacity": 64, "router_bias": False,
       "moe_token_dropout": layer.token_dropout_rate, "second_expert_policy": "all",
-      "moe_eval_capacity_token_fraction": 1.0, "normalize_router_prob_before_dropping": False,
+      # Ours: a sequence's eval capacity cf · 2 · S / E, i.e. this fraction of its tokens.
+      "moe_eval_capacity_token_fraction": min(layer.eval_capacity_factor * 2 / layer.num_experts,
+                                              1.0),
+      # Ours renormalises the two gates before capacity drops, and routes no padding.
+      "normalize_router_prob_before_dropping": True, "router_ignore_padding_tokens": False,
       "batch_prioritized_routing": bool(layer.router.batch_prioritized),
-      "router_ignore_padding_tokens": True, "activation_function": "relu",
-      "scale_embedding": module.scale_embeddings, "tie_word_embeddings": module.tie_embeddings,
-      "dropout": module.dropout_rate, "attention_dropout": module.attention_dropout_rate,
-      "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
-      "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2,
+      "activation_function": "relu", "scale_embedding": module.scale_embeddings,
+      "tie_word_embeddings": module.tie_embeddings, "dropout": module.dropout_rate,
+      "attention_dropout": module.attention_dropout_rate, "activation_dropout": 0.0,
+      "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "pad_token_id": 1, "bos_token_id": 0,
+      "eos_token_id": 2, "decoder_start_token_id": module.decoder_start_id,
       "is_encoder_decoder": True}
 
 
 def import_checkpoint(path: str, module: Optional[EncoderDecoder] = None, shardings: Any = None
                       ) -> Tuple[EncoderDecoder, Dict]:
   """(module, params) from a Hugging Face directory (config.json + safetensors)."""
-  cfg = json.load(open(os.path.join(path, "config.json")))
-  module = module or encoder_decoder_from_hf_config(cfg)
-  return module, checked_params(module, hf_to_params(read_safetensors(path), module),
-                                shardings)
+  return tensors_lib.load(path, encoder_decoder_from_hf_config, hf_to_params, module, shardings)
 
 
 def export_checkpoint(module: EncoderDecoder, params: Mapping, path: str,
                       config_overrides: Optional[Mapping[str, Any]] = None) -> None:
   """Writes config.json and model.safetensors that transformers loads."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = {**hf_config(module), **dict(config_overrides or {})}
-  tensors = params_to_hf(nn.meta.unbox(params), module)
-  os.makedirs(path, exist_ok=True)
-  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  tensors_lib.save(path, params_to_hf(nn.meta.unbox(params), module), cfg)

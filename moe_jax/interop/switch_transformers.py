@@ -39,8 +39,6 @@ Where the semantics differ (and how the import maps them):
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -48,7 +46,8 @@ import numpy as np
 
 from moe_jax.encoder_decoder import EncoderDecoder
 from moe_jax.moe_layer import MoeLayer
-from moe_jax.interop.tensors import Tensors, checked_params, read_safetensors
+from moe_jax.interop import tensors as tensors_lib
+from moe_jax.interop.tensors import Tensors, take_tied
 from moe_jax.routing import TokenChoiceRouter
 
 MODEL_TYPE = "switch_transformers"
@@ -95,6 +94,7 @@ def encoder_decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Encod
       head_dim=cfg["d_kv"], mlp_dim=cfg["d_ff"], num_encoder_layers=cfg["num_layers"],
       num_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
       activation="relu", norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-6)),
+      dropout_rate=float(cfg.get("dropout_rate", 0.0)),
       relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
       relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
       tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
@@ -112,12 +112,10 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: EncoderDecoder) -> D
   ts = Tensors(tensors)
   h, n = module.d_model, module.num_heads
   d = module.head_dim or h // n
-  shared = ts.take("shared.weight")
+  shared = take_tied(ts, "shared.weight", ("encoder.embed_tokens.weight",
+                                            "decoder.embed_tokens.weight", "lm_head.weight"),
+                      module.tie_embeddings)
   params = {"token_embed": {"embedding": shared}}
-  for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") + (
-      ("lm_head.weight",) if module.tie_embeddings else ()):
-    if ts.has(key) and not np.array_equal(ts.take(key), shared):
-      raise ValueError(f"{key} differs from shared.weight: the model ties them.")
   if not module.tie_embeddings:
     params["lm_head"] = ts.take("lm_head.weight").T
 
@@ -159,10 +157,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: EncoderDecoder) -> D
 
 def params_to_hf(params: Mapping, module: EncoderDecoder) -> Dict[str, np.ndarray]:
   """Our param tree -> flat HF state dict (the inverse of `hf_to_params`)."""
-  if module.activation != "relu" or module.position_embedding != "relative":
-    raise ValueError("SwitchTransformers has ReLU FFNs and T5 relative positions only; this "
-                     f"model has activation={module.activation!r}, position_embedding="
-                     f"{module.position_embedding!r}.")
+  check_exportable(module)
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   h, n = module.d_model, module.num_heads
   d = module.head_dim or h // n
@@ -204,22 +199,51 @@ def params_to_hf(params: Mapping, module: EncoderDecoder) -> Dict[str, np.ndarra
   return out
 
 
+def check_exportable(module: EncoderDecoder) -> None:
+  """Refuses, by name, any setting SwitchTransformers cannot represent (module docstring)."""
+  wanted = {"activation": "relu", "position_embedding": "relative", "norm": "rms",
+            "use_bias": False, "scale_embeddings": False, "tied_output_scale": True,
+            "moe_dense_ffn": "none"}
+  for name, value in wanted.items():
+    if getattr(module, name) != value:
+      raise ValueError(f"SwitchTransformers needs {name}={value!r}; this model has "
+                       f"{getattr(module, name)!r}.")
+  layers = list(module.sparse_sublayers().values())
+  for layer in layers:
+    router = layer.router
+    settings = {"router": (type(router).__name__, "TokenChoiceRouter"),
+                "num_selected_experts": (getattr(router, "num_selected_experts", None), 1),
+                "normalize_combine_weights": (getattr(router, "normalize_combine_weights",
+                                                      None), False),
+                "activation": (layer.activation, "relu"),
+                "expert_hidden_dim": (layer.expert_hidden_dim, module.mlp_dim),
+                "expert_bias": (layer.expert_bias, False),
+                "token_dropout_rate": (layer.token_dropout_rate, 0.0),
+                "num_experts": (layer.num_experts, layers[0].num_experts)}
+    for name, (value, wanted_value) in settings.items():
+      if value != wanted_value:
+        raise ValueError(f"SwitchTransformers needs MoE layers with {name}={wanted_value!r} "
+                         f"(one expert count, top-1 gates by the router probability); this "
+                         f"model has {value!r}.")
+
+
 def hf_config(module: EncoderDecoder, expert_capacity: Optional[int] = None) -> Dict[str, Any]:
-  """The config.json of `module` (expert_capacity: theirs is fixed per sequence; default the
-  MoE layer's min_capacity)."""
-  sparse = module.sparse_sublayers()
-  if any(layer.router.num_selected_experts != 1 for layer in sparse.values()):
-    raise ValueError("SwitchTransformers routes top-1 only.")
-  layer = next(iter(sparse.values()), None)
-  steps = {}
-  for stack in ("encoder", "decoder"):
-    ids, layers = module.moe_ids(stack), getattr(module, f"num_{stack}_layers")
-    step = next((s for s in range(1, layers + 1)
-                 if ids == tuple(i for i in range(layers) if s == 1 or i % s == 1)), None)
-    if ids and step is None:
-      raise ValueError(f"the {stack}'s sparse layers {ids} are not a placement transformers "
-                       "can express (every step-th layer from layer 1).")
-    steps[stack] = step if ids else 0
+  """The config.json of `module`. expert_capacity: theirs, fixed per expert and sequence;
+  required unless the model came from `import_checkpoint` (whose min_capacity is it)."""
+  check_exportable(module)
+  layers = list(module.sparse_sublayers().values())
+  if expert_capacity is None and layers:
+    if layers[0].eval_capacity_factor != _NO_CAPACITY_FACTOR:
+      raise ValueError(
+          "expert_capacity: give the fixed per-sequence capacity transformers should enforce "
+          "(export_checkpoint(..., config_overrides={'expert_capacity': N}); e.g. "
+          "ceil(eval_capacity_factor · sequence length / num_experts)): this model routes by a "
+          "capacity factor, which SwitchTransformers does not have.")
+    expert_capacity = layers[0].min_capacity
+  steps = {stack: tensors_lib.every_step(module.moe_ids(stack),
+                                         getattr(module, f"num_{stack}_layers"),
+                                         lambda i, s: s == 1 or i % s == 1)
+           for stack in ("encoder", "decoder")}
   return {
       "model_type": MODEL_TYPE, "architectures": ["SwitchTransformersForConditionalGeneration"],
       "vocab_size": module.vocab_size, "d_model": module.d_model, "num_heads": module.num_heads,
@@ -228,8 +252,8 @@ def hf_config(module: EncoderDecoder, expert_capacity: Optional[int] = None) -> 
       "num_sparse_encoder_layers": len(module.moe_ids("encoder")),
       "num_sparse_decoder_layers": len(module.moe_ids("decoder")),
       "encoder_sparse_step": steps["encoder"], "decoder_sparse_step": steps["decoder"],
-      "num_experts": layer.num_experts if layer is not None else 8,
-      "expert_capacity": int(expert_capacity or (layer.min_capacity if layer else 64)),
+      "num_experts": layers[0].num_experts if layers else 8,
+      "expert_capacity": int(expert_capacity or 64),
       "router_bias": False, "router_jitter_noise": 0.0, "router_dtype": "float32",
       "relative_attention_num_buckets": module.relative_attention_num_buckets,
       "relative_attention_max_distance": module.relative_attention_max_distance,
@@ -243,19 +267,12 @@ def import_checkpoint(path: str, module: Optional[EncoderDecoder] = None, shardi
                       ) -> Tuple[EncoderDecoder, Dict]:
   """(module, params) from a Hugging Face directory (config.json + safetensors); the module
   from config.json unless given (its shapes must match). `shardings`: place each array."""
-  cfg = json.load(open(os.path.join(path, "config.json")))
-  module = module or encoder_decoder_from_hf_config(cfg)
-  return module, checked_params(module, hf_to_params(read_safetensors(path), module),
-                                shardings)
+  return tensors_lib.load(path, encoder_decoder_from_hf_config, hf_to_params, module, shardings)
 
 
 def export_checkpoint(module: EncoderDecoder, params: Mapping, path: str,
                       config_overrides: Optional[Mapping[str, Any]] = None) -> None:
   """Writes config.json and model.safetensors that transformers loads."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  cfg = {**hf_config(module), **dict(config_overrides or {})}
-  tensors = params_to_hf(nn.meta.unbox(params), module)
-  os.makedirs(path, exist_ok=True)
-  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  overrides = dict(config_overrides or {})
+  cfg = {**hf_config(module, overrides.get("expert_capacity")), **overrides}
+  tensors_lib.save(path, params_to_hf(nn.meta.unbox(params), module), cfg)

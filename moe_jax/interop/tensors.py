@@ -58,9 +58,11 @@ def checked_params(module: nn.Module, params: Dict, shardings: Any = None) -> Di
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
   want = flax.traverse_util.flatten_dict(expected, sep="/")
   got = flax.traverse_util.flatten_dict(params, sep="/")
-  missing = sorted(set(want) - set(got))
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing:
     raise ValueError(f"parameters the checkpoint does not fill: {missing[:5]}")
+  if extra:
+    raise ValueError(f"converted tensors the module has no parameter for: {extra[:5]}")
   for key, shape in want.items():
     if tuple(shape.shape) != got[key].shape:
       raise ValueError(f"{key}: checkpoint shape {got[key].shape} != module shape "
@@ -68,3 +70,43 @@ def checked_params(module: nn.Module, params: Dict, shardings: Any = None) -> Di
   if shardings is None:
     return jax.tree.map(jnp.asarray, params)
   return jax.tree.map(jax.device_put, params, shardings)
+
+
+def take_tied(ts: Tensors, shared_key: str, copies, tied: bool) -> np.ndarray:
+  """The shared embedding; its copies (the stacks' embed_tokens, a tied lm_head), where the
+  checkpoint holds them, must equal it."""
+  shared = ts.take(shared_key)
+  for key in tuple(copies[:-1]) + ((copies[-1],) if tied else ()):
+    if ts.has(key) and not np.array_equal(ts.take(key), shared):
+      raise ValueError(f"{key} differs from {shared_key}: the model ties them.")
+  return shared
+
+
+def load(path: str, module_from_config, to_params, module=None, shardings: Any = None):
+  """(module, params) of a Hugging Face directory: the module built from config.json by
+  `module_from_config` unless given; the tensors converted by `to_params(tensors, module)`."""
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)
+  module = module or module_from_config(cfg)
+  return module, checked_params(module, to_params(read_safetensors(path), module), shardings)
+
+
+def save(path: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> None:
+  """config.json and model.safetensors that transformers loads."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  save_file(dict(tensors), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(dict(cfg), f, indent=2)
+
+
+def every_step(ids, num_layers: int, is_sparse) -> int:
+  """The step s (1 … num_layers) with ids == [i for i if is_sparse(i, s)], 0 for no sparse
+  layer; a ValueError when no step gives `ids`."""
+  if not ids:
+    return 0
+  for step in range(1, num_layers + 1):
+    if tuple(ids) == tuple(i for i in range(num_layers) if is_sparse(i, step)):
+      return step
+  raise ValueError(f"sparse layers {tuple(ids)} are not a placement transformers can express "
+                   "(every step-th layer).")
