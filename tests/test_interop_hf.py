@@ -107,3 +107,26 @@ def test_shape_mismatch_is_a_clear_error(tmp_path):
                             ["NUM_EXPERTS = 4"]).module
   with pytest.raises(ValueError, match="checkpoint shape"):
     hf.import_checkpoint(str(tmp_path / "hf"), wrong)
+
+
+def test_qwen2_moe_without_qkv_bias_matches_and_stray_tensors_are_named(tmp_path, capsys):
+  """config.json's qkv_bias is read (it was assumed); a tensor nothing reads — the QK-norm
+  weights an OLMoE checkpoint carries, were it passed as qwen2_moe — is an error naming it."""
+  from safetensors.numpy import load_file, save_file
+  cfg = transformers.Qwen2MoeConfig(
+      vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+      shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+      qkv_bias=False, tie_word_embeddings=False, attn_implementation="eager")
+  torch.manual_seed(2)
+  theirs = transformers.Qwen2MoeForCausalLM(cfg).float().eval()
+  theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  module, params = hf.import_checkpoint(str(tmp_path / "hf"))
+  assert not module.qkv_bias
+  assert_same_as_transformers("qwen2_moe (no qkv bias)", module, params, theirs, text_ids(300),
+                              capsys, new_tokens=4)
+  path = tmp_path / "hf" / "model.safetensors"
+  save_file({**load_file(path), "model.layers.0.self_attn.q_norm.weight":
+             np.ones(64, np.float32)}, path)
+  with pytest.raises(ValueError, match=r"did not read.*model\.layers\.0\.self_attn\.q_norm"):
+    hf.import_checkpoint(str(tmp_path / "hf"))

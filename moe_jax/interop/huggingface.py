@@ -27,12 +27,11 @@ import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.interop.tensors import Tensors, checked_params
 from moe_jax.interop.tensors import read_safetensors as _read_safetensors
 from moe_jax.model import Decoder
 from moe_jax.moe_layer import MoeLayer
@@ -87,7 +86,8 @@ def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
       num_heads=n, num_kv_heads=cfg.get("num_key_value_heads") or n,
       head_dim=cfg.get("head_dim") or h // n, mlp_dim=cfg["intermediate_size"],
       activation="swiglu", norm_epsilon=float(cfg["rms_norm_eps"]), rope_theta=_rope_theta(cfg),
-      qkv_bias=kind == "qwen2_moe", moe_layer=moe, **placement)
+      qkv_bias=kind == "qwen2_moe" and bool(cfg.get("qkv_bias", True)), moe_layer=moe,
+      **placement)
   if kind == "qwen2_moe" and cfg.get("shared_expert_intermediate_size"):
     settings.update(shared_expert_dim=cfg["shared_expert_intermediate_size"],
                     shared_expert_gate=True)
@@ -96,8 +96,11 @@ def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
 
 
 def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) -> Dict:
-  """Flat HF state dict -> our (unrolled) param tree, float32 numpy."""
-  t = lambda key: np.asarray(tensors[key], np.float32)
+  """Flat HF state dict -> our (unrolled) param tree, float32 numpy. A tensor the model needs
+  and the checkpoint lacks, or one the checkpoint holds and nothing reads (QK-norm weights of
+  an OLMoE checkpoint given as qwen2_moe), is an error naming it."""
+  ts = Tensors(tensors)
+  t = ts.take
   h, n = module.d_model, module.num_heads
   kv, d = module.num_kv_heads or n, module.head_dim or h // n
   out = {"token_embed": {"embedding": t("model.embed_tokens.weight")},
@@ -117,7 +120,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) 
              "pre_mlp_norm": {"scale": t(p + "post_attention_layernorm.weight")}}
     if i in module.moe_ids:
       m = p + _MOE_PREFIX[kind] + "."
-      num_experts = tensors[m + "gate.weight"].shape[0]
+      num_experts = t(m + "gate.weight").shape[0]
       experts = {ours: np.stack([t(m + f"experts.{e}.{theirs}.weight").T
                                  for e in range(num_experts)])
                  for ours, theirs in _EXPERT_NAMES[kind].items()}
@@ -131,6 +134,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) 
       layer["mlp"] = {ours: t(p + f"mlp.{theirs}.weight").T
                       for ours, theirs in _EXPERT_NAMES["qwen2_moe"].items()}
     out[f"layers_{i}"] = layer
+  ts.check_all_read()
   return out
 
 
@@ -209,22 +213,7 @@ def import_checkpoint(path: str, module: Optional[Decoder] = None, shardings: An
     raise ValueError(f"model_type must be one of {SUPPORTED}, got {kind!r}.")
   module = module or decoder_from_hf_config(cfg)
   params = stack_layers(hf_to_params(_read_safetensors(path), module, kind), module)
-  expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
-                                                jnp.zeros((1, 1), jnp.int32)))["params"]
-  expected = nn.meta.unbox(expected)
-  flat_want = flax.traverse_util.flatten_dict(expected, sep="/")
-  flat_got = flax.traverse_util.flatten_dict(params, sep="/")
-  if set(flat_want) != set(flat_got):
-    raise ValueError(f"checkpoint and module trees differ: missing "
-                     f"{sorted(set(flat_want) - set(flat_got))[:5]}, unexpected "
-                     f"{sorted(set(flat_got) - set(flat_want))[:5]}.")
-  for key, want in flat_want.items():
-    if tuple(want.shape) != flat_got[key].shape:
-      raise ValueError(f"{key}: checkpoint shape {flat_got[key].shape} != module shape "
-                       f"{tuple(want.shape)}.")
-  if shardings is None:
-    return module, jax.tree.map(jnp.asarray, params)
-  return module, jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+  return module, checked_params(module, params, shardings)
 
 
 def export_checkpoint(module: Decoder, params: Mapping, path: str,
