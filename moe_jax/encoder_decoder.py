@@ -43,7 +43,8 @@ from moe_jax import decoding
 from moe_jax.attention import Attention
 from moe_jax.dense import Embed, LayerNorm, MlpBlock, RMSNorm, dense_init
 from moe_jax.model import (ACTIVATION_AXES, MOE_DENSE_FFN, REMAT_POLICIES, DecoderBlock,
-                           TrainingObjective, is_sparse, moe_layer_ids, stats_of)
+                           TrainingObjective, decoder_padding_mask, is_sparse,
+                           moe_layer_ids, stats_of)
 from moe_jax.positions import RelativePositionBias, sinusoidal_positions
 
 Array = jax.Array
@@ -443,14 +444,12 @@ class EncoderDecoderLM(TrainingObjective):
 
   def apply(self, variables, batch: Mapping[str, Array], *, deterministic: bool,
             rngs=None, mutable=False, decode: bool = False):
-    padding = batch.get("decoder_segment_ids")
-    padding = batch["decoder_target_tokens"] > 0 if padding is None else padding > 0
     return self.module.apply(
         variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
         encoder_segment_ids=batch.get("encoder_segment_ids"),
         encoder_positions=batch.get("encoder_positions"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
-        decoder_positions=batch.get("decoder_positions"), decoder_padding_mask=padding,
+        decoder_positions=batch.get("decoder_positions"), decoder_padding_mask=decoder_padding_mask(batch),
         deterministic=deterministic, decode=decode, rngs=rngs, mutable=mutable)
 
   def generate(self, variables, prompt: Array, *, bidirectional_prompt: bool = True,

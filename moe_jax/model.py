@@ -458,7 +458,7 @@ class DecoderOnlyLM(TrainingObjective):
         variables, batch["decoder_input_tokens"],
         positions=batch.get("decoder_positions"), segment_ids=batch.get("decoder_segment_ids"),
         prefix_mask=batch.get("decoder_causal_attention"),
-        padding_mask=_padding_mask(batch), deterministic=deterministic, decode=decode,
+        padding_mask=decoder_padding_mask(batch), deterministic=deterministic, decode=decode,
         rngs=rngs, mutable=mutable)
 
   def generate(self, variables, prompt: Array, *, bidirectional_prompt: bool = False,
@@ -499,7 +499,7 @@ def objective(logits: Array, stats: Dict[str, Array], batch: Mapping[str, Array]
   return total, metrics
 
 
-def _padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:
+def decoder_padding_mask(batch: Mapping[str, Array]) -> Optional[Array]:
   """Real tokens for the MoE layers: targets > 0 (t5x pads with 0), or packed segments."""
   if "decoder_segment_ids" in batch:
     return batch["decoder_segment_ids"] > 0

@@ -116,6 +116,11 @@ COMMAND_CASES = [
      "model preset first, e.g. --gin_file=gin_configs/models/openmoe_base_16e_tiny.gin"),
     ("train", [MODEL, TINY_RUN, "--gin.train.on_nonfinite='ignore'"],
      "train.on_nonfinite = 'ignore'; choose 'stop' or 'skip'."),
+    ("train", [MODEL, TINY_RUN, "--gin.train.init_mode='upcycle'"],
+     "train.init_mode = 'upcycle'; choose 'params' or 'sparse_upcycle'."),
+    ("train", [MODEL, TINY_RUN, "--gin.train.init_mode='sparse_upcycle'"],
+     "train.init_mode = 'sparse_upcycle' needs the dense run's checkpoints: set "
+     "train.init_checkpoint (INITIAL_CHECKPOINT_PATH)."),
     ("train", [MODEL, TINY_RUN, "--gin.train.on_restore_error='retry'"],
      "train.on_restore_error = 'retry'; choose 'fallback' or 'stop'."),
     ("train", [MODEL, "--gin_file=gin_configs/runs/tiny_cpu", "--gin.TRAIN_STEPS=5"],

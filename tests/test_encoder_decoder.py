@@ -133,6 +133,13 @@ def test_losses_are_means_over_both_stacks_and_metrics_name_the_stack():
 def test_bad_settings_name_the_setting():
   with pytest.raises(ValueError, match="position_embedding must be one of"):
     tiny(position_embedding="alibi")
+  with pytest.raises(ValueError, match=r"norm must be one of \('rms', 'layer'\), got 'batch'"):
+    tiny(norm="batch")
+  with pytest.raises(ValueError, match=r"moe_dense_ffn must be one of \('none', 'parallel', "
+                     r"'sequential'\), got 'after'"):
+    tiny(moe_dense_ffn="after")
+  with pytest.raises(ValueError, match=r"token_dropout_rate must be in \[0, 1\), got 1.0"):
+    moe(token_dropout_rate=1.0)()
   with pytest.raises(ValueError, match="num_decoder_layers must be >= 1"):
     tiny(num_decoder_layers=0)
   with pytest.raises(ValueError, match=r"encoder_moe_every / _offset / _layer_indices "

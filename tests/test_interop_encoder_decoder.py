@@ -99,6 +99,11 @@ def test_switch_transformers_bad_checkpoints_name_the_tensor_or_setting(tmp_path
   cfg = transformers.SwitchTransformersConfig(router_bias=True).to_dict()
   with pytest.raises(ValueError, match="router_bias=True is not supported"):
     st.encoder_decoder_from_hf_config(cfg)
+  from moe_jax.interop import nllb_moe
+  cfg = transformers.NllbMoeConfig(second_expert_policy="random").to_dict()
+  with pytest.raises(ValueError, match="second_expert_policy='random' is not supported; the "
+                     "NLLB-MoE import needs second_expert_policy='all'"):
+    nllb_moe.encoder_decoder_from_hf_config(cfg)
 
 
 def test_switch_transformers_export_refuses_what_it_cannot_write(tmp_path):
