@@ -9,6 +9,10 @@ RoPE follows the "rotate half" convention of GPT-NeoX, Llama and Mixtral (the fi
 second halves of each head are the two coordinates of a rotated pair), with inverse
 frequencies θ^(−2i/D): Hugging Face checkpoints load without permuting Wq, Wk.
 
+QK norm (`qk_norm`): RMSNorm of the queries and keys before RoPE, over each head's D
+("head": Qwen3, one scale [D] shared by the heads) or over the whole projection ("full": OLMoE,
+scales [N·D] and [K·D]), with the model's ε.
+
 Positions: RoPE at `rope_theta`, or none (rope_theta=None) with an additive `position_bias`
 [B or 1, N, Lq, Lk] from the caller (T5's relative position buckets, shared by a whole stack:
 `moe_jax/encoder_decoder.py`).
@@ -31,10 +35,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.dense import dense_init
+from moe_jax.dense import RMSNorm, dense_init
 
 Array = jax.Array
 _NEG_INF = -1e30
+QK_NORMS = ("none", "head", "full")
 
 
 def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
@@ -82,6 +87,8 @@ class Attention(nn.Module):
   rope_theta: Optional[float] = 10000.0   # None: no rotary embedding
   qkv_bias: bool = False
   out_bias: bool = False   # a bias [H] on the output projection (NLLB-MoE)
+  qk_norm: str = "none"    # "head" (Qwen3) or "full" (OLMoE): module docstring
+  norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
@@ -90,6 +97,8 @@ class Attention(nn.Module):
     if self.num_heads < 1 or kv < 1 or self.num_heads % kv:
       raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
                        f"num_heads={self.num_heads}.")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}.")
     super().__post_init__()
 
   @property
@@ -152,8 +161,8 @@ class Attention(nn.Module):
     projections (parameter creation order fixes the initial values)."""
     batch, length, _ = x.shape
     n, k = self.num_heads, self.kv_heads
-    q = self.project(x, "query", n, ("embed", "heads", "kv"))
-    key = self.project(x, "key", k, ("embed", "kv_heads", "kv"))
+    q = self._norm(self.project(x, "query", n, ("embed", "heads", "kv")), "query_norm")
+    key = self._norm(self.project(x, "key", k, ("embed", "kv_heads", "kv")), "key_norm")
     value = values()
 
     query_index = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -178,8 +187,8 @@ class Attention(nn.Module):
 
   def mix(self, q: Array, key: Array, value: Array, mask: Array, *, deterministic: bool,
           position_bias: Optional[Array] = None, empty_reads_nothing: bool = False) -> Array:
-    """softmax(q kᵀ / √D + position_bias + mask) v: q [B, L, N, D], key / value [B, M, K, D],
-    mask [B, 1, L, M] -> [B, L, N, D]. empty_reads_nothing: a query whose mask allows no key
+    """softmax(q kᵀ / √D + position_bias + mask) v: q [B, L, N, D], key [B, M, K, D], value
+    [B, M, K, Dv], mask [B, 1, L, M] -> [B, L, N, Dv]. empty_reads_nothing: a query whose mask allows no key
     gets 0 (not a uniform mix of masked keys)."""
     batch, length, n, d = q.shape
     k = key.shape[2]
@@ -194,7 +203,16 @@ class Attention(nn.Module):
     if empty_reads_nothing:
       probs = probs * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]
     probs = nn.Dropout(self.dropout_rate)(probs.astype(self.dtype), deterministic=deterministic)
-    return jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, d)
+    return jnp.einsum("bkglm,bmkd->blkgd", probs, value).reshape(batch, length, n, -1)
+
+  def _norm(self, x: Array, name: str) -> Array:
+    """The QK norm of x [B, L, heads, D] (module docstring)."""
+    if self.qk_norm == "none":
+      return x
+    norm = RMSNorm(self.norm_epsilon, self.dtype, scale_axis="kv", name=name)
+    if self.qk_norm == "head":
+      return norm(x)
+    return norm(x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
 
   def _rotate(self, x: Array, positions: Array) -> Array:
     return x if self.rope_theta is None else rotary_embedding(x, positions, self.rope_theta)

@@ -21,13 +21,18 @@ def dense_init():
 
 
 class RMSNorm(nn.Module):
-  """y = x / sqrt(mean(x²) + ε) · scale, computed in float32 (as T5, Llama and Mixtral)."""
+  """y = x / sqrt(mean(x²) + ε) · scale, computed in float32 (as T5, Llama and Mixtral).
+
+  scale_axis: the logical axis of `scale` ("kv" for a per-head QK norm, "latent" for MLA's
+  compressed vectors)."""
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  scale_axis: str = "embed"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.scale_axis,)),
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)

@@ -192,12 +192,13 @@ class Decoder(nn.Module):
   Attributes (H = d_model):
     vocab_size, num_layers, d_model, num_heads; num_kv_heads (None: = num_heads; fewer: GQA);
     head_dim (None: H / num_heads); mlp_dim: dense FFN width; activation: relu|gelu|swiglu|geglu.
-    dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta; qkv_bias.
+    dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta; qkv_bias;
+    qk_norm: "none", "head" (Qwen3) or "full" (OLMoE) RMSNorm of queries and keys (attention.py).
     tie_embeddings: output logits x Eᵀ / √H (T5's scaling) instead of a separate lm_head.
     dtype: activations (float32 or bfloat16); params are float32, the router float32.
     attention_layer: factory of the attention sub-layer, called with num_heads, num_kv_heads,
-      head_dim, rope_theta, dropout_rate and dtype (e.g. gin's @SwitchHeadAttention); None:
-      `Attention` with `qkv_bias`.
+      head_dim, rope_theta, dropout_rate and dtype (e.g. gin's @SwitchHeadAttention,
+      @LatentAttention); None: `Attention` with `qkv_bias` and `qk_norm`.
     moe_layer: factory of the MoE layer (e.g. gin's @MoeLayer) or None for a dense model.
     moe_every / moe_offset / moe_layer_indices: placement (module docstring).
     moe_dense_ffn: "none", "parallel" (residual MoE: + dense FFN of moe_dense_dim on the same
@@ -221,6 +222,7 @@ class Decoder(nn.Module):
   norm_epsilon: float = 1e-6
   rope_theta: float = 10000.0
   qkv_bias: bool = False
+  qk_norm: str = "none"
   tie_embeddings: bool = False
   dtype: Any = jnp.float32
   attention_layer: Optional[Callable[..., nn.Module]] = None
@@ -253,9 +255,9 @@ class Decoder(nn.Module):
                        f"{self.moe_dense_ffn!r}.")
     if self.moe_layer_indices is not None:  # gin gives lists; modules must stay hashable
       object.__setattr__(self, "moe_layer_indices", tuple(self.moe_layer_indices))
-    if self.attention_layer is not None and self.qkv_bias:
-      raise ValueError("qkv_bias applies to the default Attention; with attention_layer set, "
-                       "bind the attention factory's own settings instead.")
+    if self.attention_layer is not None and (self.qkv_bias or self.qk_norm != "none"):
+      raise ValueError("qkv_bias and qk_norm apply to the default Attention; with "
+                       "attention_layer set, bind the attention factory's own settings instead.")
     if self.moe_layer is not None:
       moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
                     self.moe_layer_indices)  # validates the placement settings
@@ -284,7 +286,8 @@ class Decoder(nn.Module):
                     head_dim=self.head_dim, rope_theta=self.rope_theta,
                     dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
     if self.attention_layer is None:
-      return functools.partial(Attention, qkv_bias=self.qkv_bias, **settings)
+      return functools.partial(Attention, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
+                               norm_epsilon=self.norm_epsilon, **settings)
     return functools.partial(self.attention_layer, **settings)
 
   @nn.nowrap  # built outside any module context, so nothing adopts the sub-layers

@@ -103,6 +103,7 @@ def standard_rules(fsdp: bool = False) -> Rules:
       ("heads", "model"),
       ("kv_heads", None),  # few kv heads (GQA) rarely divide the model axis; they are small
       ("kv", None),
+      ("latent", None),  # MLA's compressed query / key-value vectors (DeepSeek): small
       ("relpos_buckets", None),  # T5's relative position bias [heads, buckets]
       ("vocab", "model"),
       ("embed", "data" if fsdp else None),

@@ -34,6 +34,7 @@ Array = jax.Array
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("all", "random")
+GROUP_SCORES = ("top2_sum", "max")
 EXPERT_BIAS_COLLECTION = "moe_balance"
 
 
@@ -326,6 +327,12 @@ class TokenChoiceRouter(Router):
       scores = softmax(logits)  (or sigmoid, DeepSeek-V3)
       experts = top_k(scores + b)                         b: aux-loss-free bias, selection only
       gates   = scores[experts]  (or renormalised over the k chosen: Mixtral, Shazeer)
+      gates  *= routed_scaling_factor                     (DeepSeek-V3: 2.5; default 1)
+
+Group-limited routing (DeepSeek-V2/V3; `num_groups` > 1): the E experts form `num_groups`
+groups of E / num_groups (consecutive indices, a device group each in DeepSeek's deployment);
+each group scores max(s + b) ("max", V2) or the sum of its two largest s + b ("top2_sum",
+V3), each token keeps its `top_groups` best groups, and its top-k is taken inside them.
 
   Training-only randomness (off when `deterministic`):
     * jitter_noise ε: x ← x · U(1−ε, 1+ε) before the projection ('jitter' RNG stream).
@@ -343,6 +350,8 @@ class TokenChoiceRouter(Router):
   lives in the non-trainable collection 'moe_balance'. It is added to the scores for selection
   only and, in training, updated by rate · sign(mean load − load) from this batch's loads. The
   caller must make that collection mutable in training: `apply(..., mutable=['moe_balance'])`.
+  `expert_bias=True` keeps the bias with no update (rate 0): an imported DeepSeek-V3's
+  e_score_correction_bias, frozen.
   """
   num_selected_experts: int = 2
   jitter_noise: float = 0.0
@@ -353,6 +362,11 @@ class TokenChoiceRouter(Router):
   score_function: str = "softmax"
   expert_bias_update_rate: float = 0.0
   kernel_init: nn.initializers.Initializer = default_router_init()
+  expert_bias: bool = False
+  routed_scaling_factor: float = 1.0
+  num_groups: int = 1
+  top_groups: int = 1
+  group_score: str = "top2_sum"
 
   kind = "token_choice"
   dispatches = ("einsum", "gather", "dropless")
@@ -377,7 +391,48 @@ class TokenChoiceRouter(Router):
       raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}.")
     if self.expert_bias_update_rate < 0:
       raise ValueError(f"expert_bias_update_rate must be >= 0, got {self.expert_bias_update_rate}.")
+    if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+      raise ValueError(f"routed_scaling_factor must be finite and > 0, got "
+                       f"{self.routed_scaling_factor}.")
+    if self.group_score not in GROUP_SCORES:
+      raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}.")
+    if self.num_groups < 1 or not 1 <= self.top_groups <= self.num_groups:
+      raise ValueError(f"num_groups must be >= 1 and top_groups in [1, num_groups], got "
+                       f"num_groups={self.num_groups}, top_groups={self.top_groups}.")
     super().__post_init__()
+
+  @property
+  def has_expert_bias(self) -> bool:
+    return self.expert_bias or self.expert_bias_update_rate > 0
+
+  def check_num_experts(self, num_experts: int) -> None:
+    super().check_num_experts(num_experts)
+    if self.num_groups == 1:
+      return
+    per_group = num_experts // self.num_groups
+    if num_experts % self.num_groups or (self.group_score == "top2_sum" and per_group < 2):
+      raise ValueError(
+          f"num_groups={self.num_groups} must divide num_experts={num_experts}"
+          + (" into groups of at least 2 (group_score='top2_sum')"
+             if self.group_score == "top2_sum" else "") + ".")
+    if self.num_selected_experts > self.top_groups * per_group:
+      raise ValueError(
+          f"num_selected_experts={self.num_selected_experts} is more than the "
+          f"top_groups={self.top_groups} groups of {per_group} experts hold.")
+
+  def _group_limited(self, scores: Array) -> Array:
+    """scores [G, S, E] with the experts outside each token's top_groups groups at -inf."""
+    if self.num_groups == 1:
+      return scores
+    grouped = scores.reshape(scores.shape[:-1] + (self.num_groups, -1))  # [G, S, ng, E/ng]
+    if self.group_score == "max":
+      group_scores = jnp.max(grouped, axis=-1)
+    else:
+      best = jnp.take_along_axis(grouped, top_k_indices(grouped, 2), axis=-1)
+      group_scores = jnp.sum(best, axis=-1)
+    kept = jnp.sum(jax.nn.one_hot(top_k_indices(group_scores, self.top_groups),
+                                  self.num_groups, dtype=jnp.int32), axis=-2) > 0  # [G, S, ng]
+    return jnp.where(kept[..., None], grouped, -jnp.inf).reshape(scores.shape)
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array], num_experts: int,
@@ -407,14 +462,16 @@ class TokenChoiceRouter(Router):
 
     selection_scores = scores
     bias = None
-    if self.expert_bias_update_rate > 0:
+    if self.has_expert_bias:
       bias = self.variable(EXPERT_BIAS_COLLECTION, "expert_bias", jnp.zeros, (e,), jnp.float32)
       selection_scores = scores + jax.lax.stop_gradient(bias.value)
-    expert_index = top_k_indices(selection_scores, k)  # [G, S, k]
+    expert_index = top_k_indices(self._group_limited(selection_scores), k)  # [G, S, k]
     gates = jnp.take_along_axis(scores, expert_index, axis=-1)
     gate_share = gates / jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), tiny)
     if self.normalize_combine_weights:
       gates = gate_share
+    if self.routed_scaling_factor != 1.0:
+      gates = gates * self.routed_scaling_factor
 
     valid = jnp.broadcast_to(valid_token[..., None], expert_index.shape)
     choice_one_hot = jax.nn.one_hot(expert_index, e)  # [G, S, k, E]
@@ -435,7 +492,8 @@ class TokenChoiceRouter(Router):
     position = queue_positions(expert_index, valid, e, priority)
     kept = valid if capacity is None else valid & (position < capacity)
 
-    if bias is not None and not deterministic and not self.is_initializing():
+    if (self.expert_bias_update_rate > 0 and not deterministic
+        and not self.is_initializing()):
       if not self.is_mutable_collection(EXPERT_BIAS_COLLECTION):
         raise ValueError(
             "expert_bias_update_rate > 0 updates the expert bias in training: call "

@@ -37,15 +37,15 @@ def hf_greedy(model, ids, n):
   return out[:, ids.shape[1]:].numpy()
 
 
-def assert_same_as_transformers(name, module, params, theirs, ids, capsys, new_tokens=8):
-  """Logits within 1e-4 (the max difference is printed) and the same greedy continuation."""
-  ours, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))
+def assert_same_as_transformers(name, module, variables, theirs, ids, capsys, new_tokens=8,
+                                atol=1e-4):
+  """Logits within atol (the max difference is printed) and the same greedy continuation."""
+  ours, _ = jax.jit(module.apply)(variables, jnp.asarray(ids))
   diff = float(np.abs(np.asarray(ours) - hf_logits(theirs, ids)).max())
   with capsys.disabled():
     print(f"\n{name}: max |logits − transformers| = {diff:.2e}")
-  assert diff <= 1e-4
-  new, _ = decoding.generate(module, {"params": params}, jnp.asarray(ids),
-                             max_new_tokens=new_tokens)
+  assert diff <= atol
+  new, _ = decoding.generate(module, variables, jnp.asarray(ids), max_new_tokens=new_tokens)
   np.testing.assert_array_equal(np.asarray(new), hf_greedy(theirs, ids, new_tokens))
 
 
@@ -69,17 +69,17 @@ def test_mixtral_import_into_the_preset_matches_transformers(tmp_path, capsys):
   mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), int)))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract)["params"], mesh, RULES)
-  _, params = hf.import_checkpoint(str(tmp_path / "hf"), module, shardings)
-  wi = params["layers"]["block_0"]["moe"]["experts"]["wi"]
+  _, variables = hf.import_checkpoint(str(tmp_path / "hf"), module, shardings)
+  wi = variables["params"]["layers"]["block_0"]["moe"]["experts"]["wi"]
   assert wi.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model", None, None))
-  assert_same_as_transformers("mixtral", module, params, theirs, text_ids(512), capsys)
+  assert_same_as_transformers("mixtral", module, variables, theirs, text_ids(512), capsys)
 
 
 def test_mixtral_export_round_trip(tmp_path):
   theirs, cfg = tiny_mixtral(tmp_path)
-  module, params = hf.import_checkpoint(str(tmp_path / "hf"))  # module from config.json
+  module, variables = hf.import_checkpoint(str(tmp_path / "hf"))  # module from config.json
   assert not module.scan_layers
-  hf.export_checkpoint(module, params, str(tmp_path / "back"), cfg.to_dict())
+  hf.export_checkpoint(module, variables, str(tmp_path / "back"), cfg.to_dict())
   again = transformers.MixtralForCausalLM.from_pretrained(
       tmp_path / "back", attn_implementation="eager").float().eval()
   ids = text_ids(512)
@@ -96,9 +96,9 @@ def test_qwen2_moe_with_shared_experts_matches_transformers(tmp_path, capsys):
   torch.manual_seed(1)
   theirs = transformers.Qwen2MoeForCausalLM(cfg).float().eval()
   theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
-  module, params = hf.import_checkpoint(str(tmp_path / "hf"))
+  module, variables = hf.import_checkpoint(str(tmp_path / "hf"))
   assert module.moe_ids == (0, 2) and module.shared_expert_gate and module.qkv_bias
-  assert_same_as_transformers("qwen2_moe", module, params, theirs, text_ids(300), capsys)
+  assert_same_as_transformers("qwen2_moe", module, variables, theirs, text_ids(300), capsys)
 
 
 def test_shape_mismatch_is_a_clear_error(tmp_path):
@@ -121,10 +121,10 @@ def test_qwen2_moe_without_qkv_bias_matches_and_stray_tensors_are_named(tmp_path
   torch.manual_seed(2)
   theirs = transformers.Qwen2MoeForCausalLM(cfg).float().eval()
   theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
-  module, params = hf.import_checkpoint(str(tmp_path / "hf"))
+  module, variables = hf.import_checkpoint(str(tmp_path / "hf"))
   assert not module.qkv_bias
-  assert_same_as_transformers("qwen2_moe (no qkv bias)", module, params, theirs, text_ids(300),
-                              capsys, new_tokens=4)
+  assert_same_as_transformers("qwen2_moe (no qkv bias)", module, variables, theirs,
+                              text_ids(300), capsys, new_tokens=4)
   path = tmp_path / "hf" / "model.safetensors"
   save_file({**load_file(path), "model.layers.0.self_attn.q_norm.weight":
              np.ones(64, np.float32)}, path)

@@ -1,48 +1,85 @@
-"""Hugging Face MoE checkpoints (safetensors) <-> moe_jax `Decoder` parameters.
+"""Hugging Face decoder-only MoE checkpoints (safetensors) <-> moe_jax `Decoder` variables.
 
-Supported: `MixtralForCausalLM` ("mixtral") and `Qwen2MoeForCausalLM` ("qwen2_moe", shared
-experts with a sigmoid gate, q/k/v biases). The on-disk layout both use, per layer i:
+Families (config.json's model_type; `FAMILIES`):
+    mixtral       MixtralForCausalLM: top-2 renormalised, GQA
+    qwen2_moe     Qwen2MoeForCausalLM: shared expert with a sigmoid gate, q/k/v biases
+    qwen3_moe     Qwen3MoeForCausalLM: per-head QK RMSNorm, norm_topk_prob, no shared expert
+    olmoe         OlmoeForCausalLM: QK RMSNorm over the whole projection, 64 experts top-8
+    deepseek_v3   DeepseekV3ForCausalLM: MLA, sigmoid group-limited routing with the
+                  aux-loss-free bias, routed scaling, shared experts, first k layers dense
+    deepseek_v2   DeepseekV2ForCausalLM: MLA, softmax (group-limited) greedy routing
+(the DeepSeek specifics are in interop/deepseek.py).
 
-    model.layers.i.self_attn.{q,k,v,o}_proj.weight   [out, in] (torch Linear)
-    mixtral:   block_sparse_moe.gate.weight [E, H]; block_sparse_moe.experts.e.{w1,w3,w2}.weight
-    qwen2_moe: mlp.gate.weight [E, H]; mlp.experts.e.{gate,up,down}_proj.weight;
-               mlp.shared_expert.{gate,up,down}_proj.weight; mlp.shared_expert_gate.weight [1, H]
-    input_layernorm.weight, post_attention_layernorm.weight; model.norm.weight;
-    model.embed_tokens.weight [V, H]; lm_head.weight [V, H]
+Every field of config.json that changes the computation is read; a value we do not implement
+is refused by name (`check_config`). Every checkpoint tensor must be read and every parameter
+filled, or the error names it (interop/tensors.py).
 
-maps onto ours as: query = q_projᵀ reshaped [H, N, D]; out = o_projᵀ reshaped [N, D, H];
-router kernel = gateᵀ; per expert wi_gate = w1ᵀ (the SiLU branch), wi = w3ᵀ, wo = w2ᵀ;
-pre_attention_norm = input_layernorm, pre_mlp_norm = post_attention_layernorm. Their RoPE
-("rotate half", θ^(−2i/D)) and RMSNorm are ours, so no permutation is needed.
+One table of tensors (`tensor_map`) serves both directions: each entry is an HF name (or one
+per expert) and our variable path, related by a transpose and reshape (torch Linear weights are
+[out, in]; ours [in..., out...]) and, for DeepSeek's interleaved rotary columns, a permutation.
+Per layer i (Llama layout, `p = model.layers.i.`):
 
-    module, params = import_checkpoint("path/to/hf_dir")              # module from config.json
+    p.self_attn.{q,k,v,o}_proj.weight      attention/{query,key,value,out}
+    p.self_attn.{q,k}_norm.weight          attention/{query,key}_norm/scale (Qwen3, OLMoE)
+    p.input_layernorm / post_attention_layernorm   pre_attention_norm / pre_mlp_norm
+    p.<moe>.gate.weight                    moe/router/logits/kernel
+    p.<moe>.experts.e.<gate,up,down>       moe/experts/{wi_gate, wi, wo}[e]
+    p.mlp.{gate,up,down}_proj              mlp/{wi_gate, wi, wo}   (dense layers)
+
+    variables = import_checkpoint("path/to/hf_dir")[1]     # module built from config.json
     module = config.load_model(["gin_configs/models/mixtral_8x7b.gin"]).module
-    _, params = import_checkpoint("path/to/hf_dir", module, shardings)  # placed at load time
-    export_checkpoint(module, params, "out_dir", hf_config)             # and back
+    _, variables = import_checkpoint("path/to/hf_dir", module, shardings)  # placed at load
+    export_checkpoint(module, variables, "out_dir", hf_config)              # and back
+
+`variables` is {"params": …} plus, for DeepSeek-V3, {"moe_balance": …} (the routers'
+e_score_correction_bias).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.interop import deepseek
 from moe_jax.interop.tensors import Tensors, checked_params
 from moe_jax.interop.tensors import read_safetensors as _read_safetensors
 from moe_jax.model import Decoder
 from moe_jax.moe_layer import MoeLayer
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.routing import EXPERT_BIAS_COLLECTION, TokenChoiceRouter
 
-SUPPORTED = ("mixtral", "qwen2_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+SUPPORTED = FAMILIES
 _EXPERT_NAMES = {  # ours -> theirs, per expert
     "mixtral": {"wi_gate": "w1", "wi": "w3", "wo": "w2"},
-    "qwen2_moe": {"wi_gate": "gate_proj", "wi": "up_proj", "wo": "down_proj"},
+    "default": {"wi_gate": "gate_proj", "wi": "up_proj", "wo": "down_proj"},
 }
-_MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp"}
+_MOE_PREFIX = {"mixtral": "block_sparse_moe"}  # the others: "mlp"
+_QK_NORM = {"qwen3_moe": "head", "olmoe": "full"}
+
+
+def _family(cfg: Mapping[str, Any]) -> str:
+  kind = cfg.get("model_type")
+  if kind not in FAMILIES:
+    raise ValueError(f"model_type must be one of {FAMILIES}, got {kind!r}.")
+  return kind
+
+
+def _num_experts(cfg: Mapping[str, Any]) -> int:
+  """Routed experts, under whichever name this transformers version writes."""
+  for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+    if cfg.get(name) is not None:
+      return int(cfg[name])
+  raise ValueError("config.json names no expert count (num_local_experts, num_experts or "
+                   "n_routed_experts).")
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:
@@ -51,180 +88,320 @@ def _rope_theta(cfg: Mapping[str, Any]) -> float:
   return float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
 
 
+def _refuse(cfg: Mapping[str, Any], field: str, allowed: Callable[[Any], bool], why: str,
+            default: Any = None) -> None:
+  value = cfg.get(field, default)
+  if not allowed(value):
+    raise ValueError(f"config.json's {field}={value!r} is not implemented: {why}.")
+
+
+def check_config(cfg: Mapping[str, Any]) -> str:
+  """The family, after refusing by name every setting the import does not implement."""
+  kind = _family(cfg)
+  falsy = lambda v: not v
+  _refuse(cfg, "hidden_act", lambda v: v == "silu", "only SiLU-gated (swiglu) FFNs", "silu")
+  _refuse(cfg, "tie_word_embeddings", falsy, "moe_jax's tied output scales by 1/sqrt(d_model) "
+          "(T5), Hugging Face's does not")
+  _refuse(cfg, "rope_scaling", falsy, "only plain RoPE (no YaRN / linear / dynamic scaling)")
+  rope = dict(cfg.get("rope_parameters") or {})
+  _refuse(rope, "rope_type", lambda v: v == "default", "only plain RoPE", "default")
+  _refuse(cfg, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of the "
+          "projections (pretraining_tp > 1)")
+  if kind == "mixtral":
+    _refuse(cfg, "sliding_window", falsy, "sliding-window attention")
+    _refuse(cfg, "router_jitter_noise", falsy, "Mixtral's jitter scales the experts' input "
+            "too; moe_jax jitters the router's only")
+  if kind in ("qwen2_moe", "qwen3_moe"):
+    _refuse(cfg, "use_sliding_window", falsy, "sliding-window attention")
+    if _num_experts(cfg) < 1:
+      raise ValueError("config.json's num_experts=0 is not implemented: a model without "
+                       "experts (import it as a dense Qwen).")
+  if kind in ("qwen3_moe", "olmoe"):
+    _refuse(cfg, "attention_bias", falsy, "biases on the q/k/v/o projections")
+  if kind == "olmoe":
+    _refuse(cfg, "clip_qkv", lambda v: v is None, "clipping of the q/k/v projections")
+  if kind.startswith("deepseek"):
+    deepseek.check_config(cfg, kind, _refuse)
+  return kind
+
+
+def _placement(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
+  num_layers = cfg["num_hidden_layers"]
+  if kind in ("mixtral", "olmoe"):
+    return dict(moe_every=1)
+  if kind.startswith("deepseek"):
+    first = cfg.get("first_k_dense_replace") or 0
+    return (dict(moe_every=1) if not first
+            else dict(moe_layer_indices=tuple(range(first, num_layers))))
+  step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+  sparse = [i for i in range(num_layers) if (i + 1) % step == 0 and i not in dense]
+  return dict(moe_layer_indices=tuple(sparse)) if dense else dict(moe_every=step)
+
+
 def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
   """The `Decoder` a Hugging Face config.json describes (dropless routing, as theirs)."""
-  kind = cfg.get("model_type")
-  if kind not in SUPPORTED:
-    raise ValueError(f"model_type must be one of {SUPPORTED}, got {kind!r}.")
-  if cfg.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"only SiLU-gated (swiglu) experts are supported, got hidden_act="
-                     f"{cfg.get('hidden_act')!r}.")
-  if cfg.get("tie_word_embeddings"):
-    raise ValueError("tie_word_embeddings=True is not supported: moe_jax's tied output scales "
-                     "by 1/sqrt(d_model) (T5), Hugging Face's does not.")
-  if cfg.get("sliding_window") and cfg.get("use_sliding_window", kind == "mixtral"):
-    raise ValueError("sliding-window attention is not supported (sliding_window="
-                     f"{cfg.get('sliding_window')}).")
-  rope = dict(cfg.get("rope_parameters") or {})
-  if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-    raise ValueError("only plain RoPE is supported, got rope_scaling="
-                     f"{cfg.get('rope_scaling')!r}, rope_parameters={rope!r}.")
+  kind = check_config(cfg)
   h, n = cfg["hidden_size"], cfg["num_attention_heads"]
-  if kind == "mixtral":
-    num_experts, expert_dim, normalize = cfg["num_local_experts"], cfg["intermediate_size"], True
-    placement = dict(moe_every=1)
-  else:
-    num_experts, expert_dim = cfg["num_experts"], cfg["moe_intermediate_size"]
-    normalize = bool(cfg.get("norm_topk_prob", False))
-    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
-    sparse = [i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step == 0 and i not in dense]
-    placement = dict(moe_layer_indices=tuple(sparse)) if dense else dict(moe_every=step)
-  router = TokenChoiceRouter(cfg["num_experts_per_tok"], normalize_combine_weights=normalize)
-  moe = functools.partial(MoeLayer, router, num_experts, expert_dim, activation="swiglu", dispatch="dropless")
   settings = dict(
       vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], d_model=h,
       num_heads=n, num_kv_heads=cfg.get("num_key_value_heads") or n,
       head_dim=cfg.get("head_dim") or h // n, mlp_dim=cfg["intermediate_size"],
       activation="swiglu", norm_epsilon=float(cfg["rms_norm_eps"]), rope_theta=_rope_theta(cfg),
-      qkv_bias=kind == "qwen2_moe" and bool(cfg.get("qkv_bias", True)), moe_layer=moe,
-      **placement)
-  if kind == "qwen2_moe" and cfg.get("shared_expert_intermediate_size"):
-    settings.update(shared_expert_dim=cfg["shared_expert_intermediate_size"],
-                    shared_expert_gate=True)
+      **_placement(cfg, kind))
+  router = dict(num_selected_experts=cfg["num_experts_per_tok"],
+                normalize_combine_weights=bool(cfg.get("norm_topk_prob", False)))
+  num_experts = _num_experts(cfg)
+  expert_dim = cfg["intermediate_size"] if kind in ("mixtral", "olmoe") else cfg[
+      "moe_intermediate_size"]
+  if kind == "mixtral":
+    router["normalize_combine_weights"] = True
+  elif kind.startswith("deepseek"):
+    settings.update(deepseek.decoder_settings(cfg, kind))
+    router.update(deepseek.router_settings(cfg, kind))
+  if kind == "qwen2_moe":
+    settings["qkv_bias"] = bool(cfg.get("qkv_bias", True))
+    if cfg.get("shared_expert_intermediate_size"):
+      settings.update(shared_expert_dim=cfg["shared_expert_intermediate_size"],
+                      shared_expert_gate=True)
+  settings["qk_norm"] = _QK_NORM.get(kind, "none")
+  settings["moe_layer"] = functools.partial(
+      MoeLayer, TokenChoiceRouter(**router), num_experts, expert_dim, activation="swiglu",
+      dispatch="dropless")
   settings.update(overrides)
   return Decoder(**settings)
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], module: Decoder, kind: str) -> Dict:
-  """Flat HF state dict -> our (unrolled) param tree, float32 numpy. A tensor the model needs
-  and the checkpoint lacks, or one the checkpoint holds and nothing reads (QK-norm weights of
-  an OLMoE checkpoint given as qwen2_moe), is an error naming it."""
-  ts = Tensors(tensors)
-  t = ts.take
-  h, n = module.d_model, module.num_heads
-  kv, d = module.num_kv_heads or n, module.head_dim or h // n
-  out = {"token_embed": {"embedding": t("model.embed_tokens.weight")},
-         "final_norm": {"scale": t("model.norm.weight")},
-         "lm_head": t("lm_head.weight").T}
+# ---------------------------------------------------------------------------------------------
+# The tensor table.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One of our variables and the checkpoint tensor(s) it comes from.
+
+  kind "linear": ours = theirsᵀ reshaped (the first `in_dims` of our dims are torch's `in`);
+  "copy": ours = theirs reshaped; "experts": ours[e] = theirs[e]ᵀ, one HF name per expert.
+  perm: a permutation of our last axis (DeepSeek's interleaved rotary columns), applied after
+  the reshape and undone on export.
+  """
+  path: Tuple[str, ...]
+  theirs: Any  # str, or a tuple of names for "experts"
+  kind: str = "linear"
+  in_dims: int = 1
+  perm: Optional[np.ndarray] = None
+  collection: str = "params"
+
+
+def linear(path, theirs, in_dims=1, perm=None) -> Entry:
+  return Entry(tuple(path.split("/")), theirs, "linear", in_dims, perm)
+
+
+def copy(path, theirs, collection="params") -> Entry:
+  return Entry(tuple(path.split("/")), theirs, "copy", collection=collection)
+
+
+def _expert_names(ts_or_names, prefix: str, theirs: str, num_experts: Optional[int]):
+  """The per-expert names: num_experts of them, or (import) as many as the checkpoint has."""
+  if num_experts is None:
+    num_experts = 0
+    while ts_or_names(f"{prefix}experts.{num_experts}.{theirs}.weight"):
+      num_experts += 1
+  return tuple(f"{prefix}experts.{e}.{theirs}.weight" for e in range(num_experts))
+
+
+def tensor_map(module: Decoder, cfg: Mapping[str, Any], has: Callable[[str], bool],
+               num_experts: Optional[int] = None) -> List[Entry]:
+  """Every variable of the (unrolled) module and its checkpoint tensors. has(name): does the
+  checkpoint hold it (import: the experts are counted from it), or does the export write it
+  (always True, with num_experts)."""
+  kind = _family(cfg)
+  n = module.num_heads
+  entries = [copy("token_embed/embedding", "model.embed_tokens.weight"),
+             copy("final_norm/scale", "model.norm.weight"),
+             linear("lm_head", "lm_head.weight")]
+  ffn_names = _EXPERT_NAMES.get(kind, _EXPERT_NAMES["default"])
   for i in range(module.num_layers):
-    p = f"model.layers.{i}."
-    attn = {"query": t(p + "self_attn.q_proj.weight").T.reshape(h, n, d),
-            "key": t(p + "self_attn.k_proj.weight").T.reshape(h, kv, d),
-            "value": t(p + "self_attn.v_proj.weight").T.reshape(h, kv, d),
-            "out": t(p + "self_attn.o_proj.weight").T.reshape(n, d, h)}
-    if module.qkv_bias:
-      for ours, theirs, heads in (("query", "q", n), ("key", "k", kv), ("value", "v", kv)):
-        attn[ours + "_bias"] = t(p + f"self_attn.{theirs}_proj.bias").reshape(heads, d)
-    layer = {"attention": attn,
-             "pre_attention_norm": {"scale": t(p + "input_layernorm.weight")},
-             "pre_mlp_norm": {"scale": t(p + "post_attention_layernorm.weight")}}
-    if i in module.moe_ids:
-      m = p + _MOE_PREFIX[kind] + "."
-      num_experts = t(m + "gate.weight").shape[0]
-      experts = {ours: np.stack([t(m + f"experts.{e}.{theirs}.weight").T
-                                 for e in range(num_experts)])
-                 for ours, theirs in _EXPERT_NAMES[kind].items()}
-      layer["moe"] = {"router": {"logits": {"kernel": t(m + "gate.weight").T}},
-                      "experts": experts}
-      if module.shared_expert_dim:
-        layer["shared_experts"] = {ours: t(m + f"shared_expert.{theirs}.weight").T for ours, theirs
-                                   in _EXPERT_NAMES["qwen2_moe"].items()}
-        layer["shared_expert_gate"] = t(m + "shared_expert_gate.weight").T
+    p, ours = f"model.layers.{i}.", f"layers_{i}/"
+    entries += [copy(ours + "pre_attention_norm/scale", p + "input_layernorm.weight"),
+                copy(ours + "pre_mlp_norm/scale", p + "post_attention_layernorm.weight")]
+    if kind.startswith("deepseek"):
+      entries += deepseek.attention_entries(module, ours + "attention/", p + "self_attn.",
+                                            linear, copy, deepseek.interleaved(cfg, kind))
     else:
-      layer["mlp"] = {ours: t(p + f"mlp.{theirs}.weight").T
-                      for ours, theirs in _EXPERT_NAMES["qwen2_moe"].items()}
-    out[f"layers_{i}"] = layer
-  ts.check_all_read()
-  return out
-
-
-def params_to_hf(params: Mapping, module: Decoder, kind: str) -> Dict[str, np.ndarray]:
-  """Our (unrolled) param tree -> flat HF state dict (the inverse of `hf_to_params`)."""
-  if module.attention_layer is not None:
-    raise ValueError("this model's attention is not the standard one (attention_layer is set, "
-                     "e.g. SwitchHead): Hugging Face's Mixtral / Qwen2-MoE have no such layer.")
-  a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
-  h = module.d_model
-  out = {"model.embed_tokens.weight": a(params["token_embed"]["embedding"]),
-         "model.norm.weight": a(params["final_norm"]["scale"]),
-         "lm_head.weight": a(np.asarray(params["lm_head"]).T)}
-  for i in range(module.num_layers):
-    p, layer = f"model.layers.{i}.", params[f"layers_{i}"]
-    attn = layer["attention"]
-    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
-      out[p + f"self_attn.{theirs}_proj.weight"] = a(np.asarray(attn[ours]).reshape(h, -1).T)
+      a, sa = ours + "attention/", p + "self_attn."
+      entries += [linear(a + "query", sa + "q_proj.weight"), linear(a + "key", sa + "k_proj.weight"),
+                  linear(a + "value", sa + "v_proj.weight"),
+                  linear(a + "out", sa + "o_proj.weight", in_dims=2)]
       if module.qkv_bias:
-        out[p + f"self_attn.{theirs}_proj.bias"] = a(np.asarray(attn[ours + "_bias"]).reshape(-1))
-    out[p + "self_attn.o_proj.weight"] = a(np.asarray(attn["out"]).reshape(-1, h).T)
-    out[p + "input_layernorm.weight"] = a(layer["pre_attention_norm"]["scale"])
-    out[p + "post_attention_layernorm.weight"] = a(layer["pre_mlp_norm"]["scale"])
-    if "moe" in layer:
-      m = p + _MOE_PREFIX[kind] + "."
-      out[m + "gate.weight"] = a(np.asarray(layer["moe"]["router"]["logits"]["kernel"]).T)
-      for ours, theirs in _EXPERT_NAMES[kind].items():
-        for e, w in enumerate(np.asarray(layer["moe"]["experts"][ours])):
-          out[m + f"experts.{e}.{theirs}.weight"] = a(w.T)
-      if "shared_experts" in layer:
-        for ours, theirs in _EXPERT_NAMES["qwen2_moe"].items():
-          out[m + f"shared_expert.{theirs}.weight"] = a(np.asarray(layer["shared_experts"][ours]).T)
-        out[m + "shared_expert_gate.weight"] = a(np.asarray(layer["shared_expert_gate"]).T)
+        entries += [copy(a + f"{w}_bias", sa + f"{t}_proj.bias")
+                    for w, t in (("query", "q"), ("key", "k"), ("value", "v"))]
+      if module.qk_norm != "none":
+        entries += [copy(a + "query_norm/scale", sa + "q_norm.weight"),
+                    copy(a + "key_norm/scale", sa + "k_norm.weight")]
+    if i not in module.moe_ids:
+      entries += [linear(ours + f"mlp/{w}", p + f"mlp.{t}.weight")
+                  for w, t in _EXPERT_NAMES["default"].items()]
+      continue
+    m = p + _MOE_PREFIX.get(kind, "mlp") + "."
+    entries.append(linear(ours + "moe/router/logits/kernel", m + "gate.weight"))
+    for w, t in ffn_names.items():
+      entries.append(Entry(tuple((ours + f"moe/experts/{w}").split("/")),
+                           _expert_names(has, m, t, num_experts), "experts"))
+    if kind == "deepseek_v3":
+      entries.append(copy(ours + "moe/router/expert_bias", m + "gate.e_score_correction_bias",
+                          collection=EXPERT_BIAS_COLLECTION))
+    if module.shared_expert_dim:
+      shared = "shared_experts" if kind.startswith("deepseek") else "shared_expert"
+      entries += [linear(ours + f"shared_experts/{w}", m + f"{shared}.{t}.weight")
+                  for w, t in _EXPERT_NAMES["default"].items()]
+      if module.shared_expert_gate:
+        entries.append(linear(ours + "shared_expert_gate", m + "shared_expert_gate.weight"))
+  return entries
+
+
+def _expected(module: Decoder) -> Dict[str, Dict]:
+  """{collection: flat {path tuple: shape}} of the unrolled module's variables."""
+  unrolled = module.clone(scan_layers=False, parent=None)
+  shapes = jax.eval_shape(lambda: unrolled.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 1), jnp.int32)))
+  return {c: {k: v.shape for k, v in flax.traverse_util.flatten_dict(
+      nn.meta.unbox(tree)).items()} for c, tree in shapes.items()}
+
+
+def _reshaped(x: np.ndarray, shape) -> np.ndarray:
+  """x in `shape` when the sizes agree; else as it is (checked_params names the mismatch)."""
+  return x.reshape(shape) if shape is not None and x.size == math.prod(shape) else x
+
+
+def hf_to_variables(tensors: Mapping[str, np.ndarray], module: Decoder,
+                    cfg: Mapping[str, Any]) -> Dict:
+  """Flat HF state dict -> our unrolled variables {collection: tree}, float32 numpy. A tensor
+  the model needs and the checkpoint lacks, or one the checkpoint holds and nothing reads (the
+  QK-norm weights of an OLMoE checkpoint given as qwen2_moe), is an error naming it."""
+  ts = Tensors(tensors)
+  expected = _expected(module)
+  flat = {}
+  for e in tensor_map(module, cfg, ts.has):
+    shape = expected.get(e.collection, {}).get(e.path)
+    if e.kind == "experts":
+      x = np.stack([ts.take(name).T for name in e.theirs]) if e.theirs else np.zeros((0,))
+    elif e.kind == "linear":
+      w = ts.take(e.theirs)
+      x = _reshaped(w.T, shape)
     else:
-      for ours, theirs in _EXPERT_NAMES["qwen2_moe"].items():
-        out[p + f"mlp.{theirs}.weight"] = a(np.asarray(layer["mlp"][ours]).T)
+      x = _reshaped(ts.take(e.theirs), shape)
+    if e.perm is not None:
+      x = x[..., e.perm]
+    flat.setdefault(e.collection, {})[e.path] = x
+  ts.check_all_read()
+  return {c: flax.traverse_util.unflatten_dict(tree) for c, tree in flat.items()}
+
+
+def variables_to_hf(variables: Mapping, module: Decoder,
+                    cfg: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """Our unrolled variables -> the flat HF state dict (the inverse of `hf_to_variables`)."""
+  flat = {c: flax.traverse_util.flatten_dict(tree) for c, tree in variables.items()}
+  a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+  out = {}
+  num_experts = None
+  if module.moe_layer is not None:
+    num_experts = module.moe_layer(parent=None).num_experts
+  for e in tensor_map(module, cfg, lambda name: True, num_experts):
+    x = np.asarray(flat[e.collection][e.path], np.float32)
+    if e.perm is not None:
+      x = x[..., np.argsort(e.perm)]
+    if e.kind == "experts":
+      out.update({name: a(w.T) for name, w in zip(e.theirs, x)})
+    elif e.kind == "linear":
+      out[e.theirs] = a(x.reshape(math.prod(x.shape[:e.in_dims]), -1).T)
+    else:
+      out[e.theirs] = a(x.reshape(-1) if x.ndim > 1 and e.theirs.endswith("bias") else x)
   return out
 
 
-def stack_layers(params: Mapping, module: Decoder) -> Dict:
-  """Unrolled tree (layers_i) -> the scanned layout (layers/block_j, [units, ...])."""
+def stack_layers(tree: Mapping, module: Decoder) -> Dict:
+  """Unrolled tree (layers_i) -> the scanned layout (layers/block_j, [units, ...]). A
+  collection that only some blocks hold (the routers' moe_balance) keeps only those."""
   if not module.scan_layers:
-    return dict(params)
-  period = module.moe_every if module.moe_layer is not None else 1
+    return dict(tree)
+  period = module.scan_period
   units = module.num_layers // period
-  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = {f"block_{j}": jax.tree.map(lambda *x: np.stack(x), *[
-      params[f"layers_{u * period + j}"] for u in range(units)]) for j in range(period)}
+  out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+  blocks = {}
+  for j in range(period):
+    rows = [tree.get(f"layers_{u * period + j}") for u in range(units)]
+    if any(r is not None for r in rows):
+      blocks[f"block_{j}"] = jax.tree.map(lambda *x: np.stack(x), *rows)
+  if blocks:
+    out["layers"] = blocks
   return out
 
 
-def unstack_layers(params: Mapping, module: Decoder) -> Dict:
+def unstack_layers(tree: Mapping, module: Decoder) -> Dict:
   """The scanned layout -> the unrolled one (identity for an unrolled module)."""
   if not module.scan_layers:
-    return dict(params)
-  period = module.moe_every if module.moe_layer is not None else 1
-  out = {k: v for k, v in params.items() if k != "layers"}
+    return dict(tree)
+  period = module.scan_period
+  out = {k: v for k, v in tree.items() if k != "layers"}
   for i in range(module.num_layers):
     u, j = divmod(i, period)
-    out[f"layers_{i}"] = jax.tree.map(lambda x: x[u], params["layers"][f"block_{j}"])
+    if f"block_{j}" in tree.get("layers", {}):
+      out[f"layers_{i}"] = jax.tree.map(lambda x: x[u], tree["layers"][f"block_{j}"])
   return out
 
 
 def import_checkpoint(path: str, module: Optional[Decoder] = None, shardings: Any = None
                       ) -> Tuple[Decoder, Dict]:
-  """(module, params) from a Hugging Face directory (config.json + safetensors).
+  """(module, variables) from a Hugging Face directory (config.json + safetensors).
 
   module: the target (e.g. the mixtral preset); its parameter shapes must match the
     checkpoint. None: built from config.json.
   shardings: a pytree of `jax.sharding.Sharding` matching the params (for example from
     `nn.logical_to_mesh_sharding`); each array is placed with it as it is converted.
+  Returns variables {"params": …} (+ "moe_balance" for DeepSeek-V3's expert biases).
   """
-  cfg = json.load(open(os.path.join(path, "config.json")))
-  kind = cfg.get("model_type")
-  if kind not in SUPPORTED:
-    raise ValueError(f"model_type must be one of {SUPPORTED}, got {kind!r}.")
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)
+  check_config(cfg)
   module = module or decoder_from_hf_config(cfg)
-  params = stack_layers(hf_to_params(_read_safetensors(path), module, kind), module)
-  return module, checked_params(module, params, shardings)
+  converted = hf_to_variables(_read_safetensors(path), module, cfg)
+  variables = {"params": checked_params(module, stack_layers(converted["params"], module),
+                                        shardings)}
+  has_bias = EXPERT_BIAS_COLLECTION in converted
+  if has_bias != (EXPERT_BIAS_COLLECTION in _expected(module)):
+    raise ValueError(
+        f"the checkpoint's routers {'have' if has_bias else 'have no'} expert biases "
+        f"(e_score_correction_bias) and the module's routers {'do not' if has_bias else 'do'}:"
+        " set TokenChoiceRouter.expert_bias (or expert_bias_update_rate) to match.")
+  if has_bias:
+    variables[EXPERT_BIAS_COLLECTION] = checked_params(
+        module, stack_layers(converted[EXPERT_BIAS_COLLECTION], module),
+        collection=EXPERT_BIAS_COLLECTION)
+  return module, variables
 
 
-def export_checkpoint(module: Decoder, params: Mapping, path: str,
+def export_checkpoint(module: Decoder, variables: Mapping, path: str,
                       hf_config: Mapping[str, Any]) -> None:
-  """Writes config.json and model.safetensors that transformers loads."""
-  from safetensors.numpy import save_file
-  kind = hf_config.get("model_type")
-  if kind not in SUPPORTED:
-    raise ValueError(f"model_type must be one of {SUPPORTED}, got {kind!r}.")
-  os.makedirs(path, exist_ok=True)
-  tensors = params_to_hf(unstack_layers(nn.meta.unbox(params), module), module, kind)
-  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(dict(hf_config), f, indent=2)
+  """Writes config.json and model.safetensors that transformers loads. `variables`: what
+  import_checkpoint returns ({"params": …, …}), or the params alone."""
+  from moe_jax.interop.tensors import save  # pylint: disable=g-import-not-at-top
+  kind = check_config(hf_config)
+  if (module.moe_layer is not None and kind != "deepseek_v3"
+      and module.moe_layer(parent=None).router.has_expert_bias):
+    raise ValueError(f"this model's routers select with an expert bias (aux-loss-free "
+                     f"balancing), which Hugging Face's {kind} cannot hold; deepseek_v3 can.")
+  if kind.startswith("deepseek") != deepseek.is_latent(module):
+    raise ValueError(f"model_type {kind!r} needs "
+                     f"{'LatentAttention' if kind.startswith('deepseek') else 'standard'} "
+                     "attention; this model's is not.")
+  if not kind.startswith("deepseek") and module.attention_layer is not None:
+    raise ValueError("this model's attention is not the standard one (attention_layer is set, "
+                     f"e.g. SwitchHead): Hugging Face's {kind} has no such layer.")
+  variables = nn.meta.unbox(dict(variables))
+  if "params" not in variables:
+    variables = {"params": variables}
+  unrolled = {c: unstack_layers(tree, module) for c, tree in variables.items()
+              if c in ("params", EXPERT_BIAS_COLLECTION)}
+  if kind == "deepseek_v3" and EXPERT_BIAS_COLLECTION not in unrolled:
+    raise ValueError("deepseek_v3 checkpoints hold each router's e_score_correction_bias: "
+                     f"pass the variables with their '{EXPERT_BIAS_COLLECTION}' collection.")
+  save(path, variables_to_hf(unrolled, module, hf_config), hf_config)

@@ -51,11 +51,12 @@ class Tensors:
                        f"model?): {unread[:5]}{' …' if len(unread) > 5 else ''}")
 
 
-def checked_params(module: nn.Module, params: Dict, shardings: Any = None) -> Dict:
+def checked_params(module: nn.Module, params: Dict, shardings: Any = None,
+                   collection: str = "params") -> Dict:
   """`params` as jax arrays (placed with `shardings` when given), after checking that they fill
-  every parameter of `module` with its shape; errors name the parameter."""
+  every variable of `module`'s `collection` with its shape; errors name the variable."""
   expected = nn.meta.unbox(jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[collection])
   want = flax.traverse_util.flatten_dict(expected, sep="/")
   got = flax.traverse_util.flatten_dict(params, sep="/")
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
