@@ -13,7 +13,7 @@ QK norm (`qk_norm`): RMSNorm of the queries and keys before RoPE, over each head
 ("head": Qwen3, one scale [D] shared by the heads) or over the whole projection ("full": OLMoE,
 scales [N·D] and [K·D]), with the model's ε.
 
-Positions: RoPE at `rope_theta`, or none (rope_theta=None) with an additive `position_bias`
+Positions: RoPE at `rope_theta` (optionally extended by YaRN, `rope_scaling`), or none (rope_theta=None) with an additive `position_bias`
 [B or 1, N, Lq, Lk] from the caller (T5's relative position buckets, shared by a whole stack:
 `moe_jax/encoder_decoder.py`).
 
@@ -29,6 +29,8 @@ cache_index + L within the cache size (`decoding.generate` sizes it exactly); pa
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -42,18 +44,81 @@ _NEG_INF = -1e30
 QK_NORMS = ("none", "head", "full")
 
 
-def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
-  """RoPE on x [B, L, N, D] at integer positions [B, L] (rotate-half convention), in float32."""
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+  """YaRN (Peng et al. 2023) context extension of RoPE, as DeepSeek-V2/V3 and Qwen ship it.
+
+  Frequencies: θ_i = θ^(−2i/D); dimensions that rotate fewer than beta_slow times over the
+  original context are interpolated (θ_i / factor), those that rotate more than beta_fast times
+  are kept, a linear ramp between (bounds floored / ceiled when `truncate`). cos and sin are
+  scaled by `attention_factor` (default m(factor, mscale) / m(factor, mscale_all_dim) when both
+  are set, else m(factor), with m(s, a) = 0.1 · a · ln s + 1); MLA also multiplies its softmax
+  scale by m(factor, mscale_all_dim)² (`softmax_scale`).
+  """
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: Optional[float] = None
+  mscale_all_dim: Optional[float] = None
+  attention_factor: Optional[float] = None
+  truncate: bool = True
+
+  def __post_init__(self):
+    if not self.factor >= 1.0:
+      raise ValueError(f"YaRN's factor must be >= 1, got {self.factor}.")
+    if self.original_max_position_embeddings < 1:
+      raise ValueError("YaRN's original_max_position_embeddings must be >= 1, got "
+                       f"{self.original_max_position_embeddings}.")
+
+  @staticmethod
+  def _m(scale: float, a: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * a * math.log(scale) + 1.0
+
+  @property
+  def cos_sin_scale(self) -> float:
+    if self.attention_factor is not None:
+      return float(self.attention_factor)
+    if self.mscale and self.mscale_all_dim:
+      return self._m(self.factor, self.mscale) / self._m(self.factor, self.mscale_all_dim)
+    return self._m(self.factor)
+
+  @property
+  def softmax_scale(self) -> float:
+    return self._m(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+  def inv_freq(self, dim: int, theta: float) -> Array:
+    def correction(rotations):  # the dimension that rotates `rotations` times
+      return dim * math.log(self.original_max_position_embeddings
+                            / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction(self.beta_fast), correction(self.beta_slow)
+    if self.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    base = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    keep = 1.0 - jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return base / self.factor * (1.0 - keep) + base * keep
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0,
+                     scaling: Optional[YarnScaling] = None) -> Array:
+  """RoPE on x [B, L, N, D] at integer positions [B, L] (rotate-half convention), in float32;
+  `scaling`: YaRN's frequencies and cos/sin scale."""
   d = x.shape[-1]
   if d % 2:
     raise ValueError(f"rotary embeddings need an even head_dim, got {d}.")
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  if scaling is None:
+    inv_freq, magnitude = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)), 1.0
+  else:
+    inv_freq, magnitude = scaling.inv_freq(d, theta), scaling.cos_sin_scale
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, D]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  return (x32 * (jnp.cos(angles) * magnitude)
+          + rotated * (jnp.sin(angles) * magnitude)).astype(x.dtype)
 
 
 def attention_mask(query_index: Array, key_index: Array, *,
@@ -85,6 +150,7 @@ class Attention(nn.Module):
   num_kv_heads: Optional[int] = None
   head_dim: Optional[int] = None
   rope_theta: Optional[float] = 10000.0   # None: no rotary embedding
+  rope_scaling: Optional[YarnScaling] = None
   qkv_bias: bool = False
   out_bias: bool = False   # a bias [H] on the output projection (NLLB-MoE)
   qk_norm: str = "none"    # "head" (Qwen3) or "full" (OLMoE): module docstring
@@ -186,15 +252,17 @@ class Attention(nn.Module):
                     position_bias=position_bias)
 
   def mix(self, q: Array, key: Array, value: Array, mask: Array, *, deterministic: bool,
-          position_bias: Optional[Array] = None, empty_reads_nothing: bool = False) -> Array:
+          position_bias: Optional[Array] = None, empty_reads_nothing: bool = False,
+          logit_scale: float = 1.0) -> Array:
     """softmax(q kᵀ / √D + position_bias + mask) v: q [B, L, N, D], key [B, M, K, D], value
     [B, M, K, Dv], mask [B, 1, L, M] -> [B, L, N, Dv]. empty_reads_nothing: a query whose mask allows no key
-    gets 0 (not a uniform mix of masked keys)."""
+    gets 0 (not a uniform mix of masked keys). logit_scale multiplies 1/√D."""
     batch, length, n, d = q.shape
     k = key.shape[2]
     # Grouped heads: q [B, L, K, N/K, D] so that query head n reads kv head n // (N/K).
     q = q.reshape(batch, length, k, n // k, d)
-    logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * d**-0.5
+    logits = jnp.einsum("blkgd,bmkd->bkglm", q, key).astype(jnp.float32) * (d**-0.5
+                                                                             * logit_scale)
     if position_bias is not None:  # [B or 1, N, L, M] -> the grouped heads' [.., K, N/K, L, M]
       logits = logits + position_bias.astype(jnp.float32).reshape(
           (position_bias.shape[0], k, n // k) + position_bias.shape[2:])
@@ -215,7 +283,8 @@ class Attention(nn.Module):
     return norm(x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
 
   def _rotate(self, x: Array, positions: Array) -> Array:
-    return x if self.rope_theta is None else rotary_embedding(x, positions, self.rope_theta)
+    return x if self.rope_theta is None else rotary_embedding(x, positions, self.rope_theta,
+                                                               self.rope_scaling)
 
   def _update_cache(self, key: Array, value: Array, prefix_mask: Optional[Array]):
     """Writes the new keys (rotated) and values at cache_index; returns the full cache."""

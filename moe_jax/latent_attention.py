@@ -19,7 +19,8 @@ after the mix,
     logits = (q_nope W_ukᵀ) · c_kvᵀ + q_rope · k_rᵀ        (no per-head keys are formed)
     a      = (softmax(logits / √(Dn + Dr)) c_kv) W_uv,
 
-which equals the expanded form above (tested: cached decoding = the full pass). The cache
+which equals the expanded form above (tested: cached decoding = the full pass). With YaRN
+(`rope_scaling`) the softmax scale is multiplied by m(factor, mscale_all_dim)², as DeepSeek's. The cache
 reuses `Attention`'s (cached_key = k_r, cached_value = c_kv, each with one "head").
 
 Rotary layout: ours is rotate-half. DeepSeek's checkpoints rotate interleaved pairs; the
@@ -81,6 +82,11 @@ class LatentAttention(Attention):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape,
                       jnp.float32).astype(self.dtype)
 
+  @property
+  def _softmax_scale(self) -> float:
+    """YaRN's m(factor, mscale_all_dim)², which DeepSeek applies to all of q·k."""
+    return 1.0 if self.rope_scaling is None else self.rope_scaling.softmax_scale
+
   def _latent_norm(self, x: Array, name: str) -> Array:
     return RMSNorm(self.norm_epsilon, self.dtype, scale_axis="latent", name=name)(x)
 
@@ -123,7 +129,7 @@ class LatentAttention(Attention):
                             key_segments=segment_ids, query_prefix=prefix_mask,
                             key_prefix=prefix_mask)
       out = self.mix(jnp.concatenate([q_nope, q_rope], -1), key, value, mask,
-                     deterministic=deterministic)
+                     deterministic=deterministic, logit_scale=self._softmax_scale)
       return self.output(out, h)
 
     if segment_ids is not None:
@@ -138,7 +144,7 @@ class LatentAttention(Attention):
     q_latent = jnp.einsum("blnd,rnd->blnr", q_nope, w_uk)
     logits = (jnp.einsum("blnr,bmr->bnlm", q_latent, latent[:, :, 0])
               + jnp.einsum("blnd,bmd->bnlm", q_rope, k_rope[:, :, 0])).astype(jnp.float32)
-    logits = jnp.where(mask, logits * (dn + dr) ** -0.5, -1e30)
+    logits = jnp.where(mask, logits * ((dn + dr) ** -0.5 * self._softmax_scale), -1e30)
     probs = nn.Dropout(self.dropout_rate)(jax.nn.softmax(logits, axis=-1).astype(self.dtype),
                                           deterministic=deterministic)
     out_latent = jnp.einsum("bnlm,bmr->blnr", probs, latent[:, :, 0])

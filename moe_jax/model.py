@@ -16,10 +16,12 @@ are collected per kind of sub-layer ("moe": the FFN, "attention"). A sparse sub-
 `num_experts`, `experts_per_token(seq_len)`, `causal` and `mixes_tokens` (moe_layer.MoeLayer
 and switchhead.SwitchHeadAttention do); `sparse_sublayers()` lists them for the tools.
 
-MoE placement: layer i is sparse iff i % moe_every == moe_offset, or i in moe_layer_indices.
-With scan_layers the stack is one compiled unit of `moe_every` blocks ([dense…, moe]) under
-`nn.scan`, parameters stacked on a leading "layers" axis; MoE losses and metrics come out of
-the scan stacked, in layer order, exactly as from the unrolled stack.
+MoE placement: the first `first_dense_layers` layers are dense (DeepSeek's first_k_dense);
+after them, layer i is sparse iff (i − first_dense_layers) % moe_every == moe_offset; or
+exactly the layers in moe_layer_indices. With scan_layers the stack is one compiled unit of
+`moe_every` blocks ([dense…, moe]) under `nn.scan`, parameters stacked on a leading "layers"
+axis, after a scanned stack "dense_layers" of the first_dense_layers dense blocks; MoE losses
+and metrics come out of the scan stacked, in layer order, exactly as from the unrolled stack.
 
 Loss (`DecoderOnlyLM.loss`, SPEC §3): token cross-entropy on targets (padding and inputs
 masked by `decoder_loss_weights`) + logits_z_loss · mean log²Z + aux_loss_weight · mean aux
@@ -77,8 +79,15 @@ def check_sublayer(kind: str, layer: nn.Module, decode: bool) -> None:
 
 
 def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = None,
-                  moe_layer_indices: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+                  moe_layer_indices: Optional[Sequence[int]] = None,
+                  first_dense_layers: int = 0) -> Tuple[int, ...]:
   """Indices of the sparse layers (see the module docstring), validated."""
+  if not 0 <= first_dense_layers < num_layers:
+    raise ValueError(f"first_dense_layers must be in [0, num_layers={num_layers}), got "
+                     f"{first_dense_layers}.")
+  if moe_layer_indices is not None and first_dense_layers:
+    raise ValueError(f"set either moe_layer_indices ({tuple(moe_layer_indices)}) or "
+                     f"first_dense_layers ({first_dense_layers}), not both.")
   if moe_layer_indices is not None:
     ids = tuple(sorted(set(int(i) for i in moe_layer_indices)))
     bad = [i for i in ids if not 0 <= i < num_layers]
@@ -90,7 +99,8 @@ def moe_layer_ids(num_layers: int, moe_every: int, moe_offset: Optional[int] = N
   offset = moe_every - 1 if moe_offset is None else moe_offset
   if not 0 <= offset < moe_every:
     raise ValueError(f"moe_offset must be in [0, moe_every={moe_every}), got {moe_offset}.")
-  return tuple(i for i in range(num_layers) if i % moe_every == offset)
+  return tuple(i for i in range(first_dense_layers, num_layers)
+               if (i - first_dense_layers) % moe_every == offset)
 
 
 class DecoderBlock(nn.Module):
@@ -192,7 +202,8 @@ class Decoder(nn.Module):
   Attributes (H = d_model):
     vocab_size, num_layers, d_model, num_heads; num_kv_heads (None: = num_heads; fewer: GQA);
     head_dim (None: H / num_heads); mlp_dim: dense FFN width; activation: relu|gelu|swiglu|geglu.
-    dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta; qkv_bias;
+    dropout_rate (residual and FFN), attention_dropout_rate; norm_epsilon; rope_theta;
+    rope_scaling: an attention.YarnScaling (YaRN context extension) or None; qkv_bias;
     qk_norm: "none", "head" (Qwen3) or "full" (OLMoE) RMSNorm of queries and keys (attention.py).
     tie_embeddings: output logits x Eᵀ / √H (T5's scaling) instead of a separate lm_head.
     dtype: activations (float32 or bfloat16); params are float32, the router float32.
@@ -200,7 +211,8 @@ class Decoder(nn.Module):
       head_dim, rope_theta, dropout_rate and dtype (e.g. gin's @SwitchHeadAttention,
       @LatentAttention); None: `Attention` with `qkv_bias` and `qk_norm`.
     moe_layer: factory of the MoE layer (e.g. gin's @MoeLayer) or None for a dense model.
-    moe_every / moe_offset / moe_layer_indices: placement (module docstring).
+    moe_every / moe_offset / moe_layer_indices / first_dense_layers: placement (module
+      docstring).
     moe_dense_ffn: "none", "parallel" (residual MoE: + dense FFN of moe_dense_dim on the same
       input) or "sequential" (an extra dense FFN sublayer after the MoE one, ST-MoE).
     shared_expert_dim: width of the always-on shared-expert FFN (0: none); shared_expert_gate:
@@ -221,6 +233,7 @@ class Decoder(nn.Module):
   attention_dropout_rate: float = 0.0
   norm_epsilon: float = 1e-6
   rope_theta: float = 10000.0
+  rope_scaling: Optional[Any] = None   # attention.YarnScaling
   qkv_bias: bool = False
   qk_norm: str = "none"
   tie_embeddings: bool = False
@@ -230,6 +243,7 @@ class Decoder(nn.Module):
   moe_every: int = 1
   moe_offset: Optional[int] = None
   moe_layer_indices: Optional[Sequence[int]] = None
+  first_dense_layers: int = 0
   moe_dense_ffn: str = "none"
   moe_dense_dim: Optional[int] = None
   shared_expert_dim: int = 0
@@ -260,13 +274,18 @@ class Decoder(nn.Module):
                        "attention_layer set, bind the attention factory's own settings instead.")
     if self.moe_layer is not None:
       moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
-                    self.moe_layer_indices)  # validates the placement settings
+                    self.moe_layer_indices,
+                    self.first_dense_layers)  # validates the placement settings
+      periodic = self.num_layers - self.first_dense_layers
       if self.scan_layers and (self.moe_layer_indices is not None
-                               or self.num_layers % self.moe_every):
+                               or periodic % self.moe_every):
         raise ValueError(
-            "scan_layers needs a periodic placement: moe_every dividing num_layers "
-            f"(got num_layers={self.num_layers}, moe_every={self.moe_every}) and no "
+            "scan_layers needs a periodic placement: moe_every dividing the layers after "
+            f"first_dense_layers (got num_layers={self.num_layers}, first_dense_layers="
+            f"{self.first_dense_layers}, moe_every={self.moe_every}) and no "
             f"moe_layer_indices (got {self.moe_layer_indices}); or set scan_layers=False.")
+    elif self.first_dense_layers:
+      raise ValueError("first_dense_layers places MoE layers; this model has no moe_layer.")
     super().__post_init__()
 
   @property
@@ -279,12 +298,23 @@ class Decoder(nn.Module):
     if self.moe_layer is None:
       return ()
     return moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
-                         self.moe_layer_indices)
+                         self.moe_layer_indices, self.first_dense_layers)
+
+  @nn.nowrap
+  def scanned_stacks(self) -> Tuple[Tuple[str, int, int, int], ...]:
+    """(name, first layer, blocks per unit, units) of each scanned stack, in layer order:
+    layer = first + unit · period + block. The tools use it to map the scanned layout."""
+    first = self.first_dense_layers if self.moe_layer is not None else 0
+    stacks = (("dense_layers", 0, 1, first),) if first else ()
+    period = self.scan_period
+    return stacks + (("layers", first, period, (self.num_layers - first) // period),)
 
   def _attention(self) -> Callable[..., nn.Module]:
     settings = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                     head_dim=self.head_dim, rope_theta=self.rope_theta,
                     dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+    if self.rope_scaling is not None:
+      settings["rope_scaling"] = self.rope_scaling
     if self.attention_layer is None:
       return functools.partial(Attention, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
                                norm_epsilon=self.norm_epsilon, **settings)
@@ -359,21 +389,27 @@ class Decoder(nn.Module):
     inputs = (positions, segment_ids, prefix_mask, padding_mask)
     moe_ids = self.moe_ids
     if self.scan_layers:
-      period = self.scan_period
-      unit_moe = tuple(sorted({i % period for i in moe_ids}))
-      stack = nn.scan(
-          DecoderUnit,
-          variable_axes={"params": 0, "cache": 0, "moe_balance": 0,
-                         ROUTING_RECORDS: 0},
-          split_rngs={name: True for name in RNG_STREAMS},
-          in_axes=(nn.broadcast,) * 4,
-          length=self.num_layers // period,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      x, unit_auxes = stack(self._block, period, unit_moe, deterministic, decode,
-                            name="layers")(x, *inputs)
-      # Per kind, per sparse block of the unit, leaves [U, ...] -> layer order (unit-major).
-      auxes = {kind: jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]), *a)
-               for kind, a in unit_auxes.items()}
+      auxes = {}
+      for name, first, period, units in self.scanned_stacks():
+        unit_moe = tuple(sorted({(i - first) % period for i in moe_ids
+                                 if first <= i < first + period * units}))
+        stack = nn.scan(
+            DecoderUnit,
+            variable_axes={"params": 0, "cache": 0, "moe_balance": 0,
+                           ROUTING_RECORDS: 0},
+            split_rngs={rng: True for rng in RNG_STREAMS},
+            in_axes=(nn.broadcast,) * 4,
+            length=units,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, unit_auxes = stack(self._block, period, unit_moe, deterministic, decode,
+                              name=name)(x, *inputs)
+        # Per kind, per sparse block of the unit, leaves [U, ...] -> layer order (unit-major),
+        # after the earlier stack's.
+        for kind, a in unit_auxes.items():
+          ordered = jax.tree.map(
+              lambda *v: jnp.stack(v, 1).reshape((-1,) + v[0].shape[1:]), *a)
+          auxes[kind] = ordered if kind not in auxes else jax.tree.map(
+              lambda u, v: jnp.concatenate([u, v]), auxes[kind], ordered)
       stats = stats_of(auxes, stacked=True)
     else:
       auxes = {}

@@ -79,6 +79,11 @@ def plan(target: Mapping[str, Tuple[int, ...]], source: Mapping[str, Tuple[int, 
          ) -> Dict[str, Any]:
   """{MoE param path: None (fresh) or (experts: bool, [(dense path, row or None), …] one per
   stacked unit, or one)}; raises a SettingError naming the first tensor that does not fit."""
+  for tree, role in ((target, "MoE model"), (source, "dense checkpoint")):
+    if any(p.startswith("dense_layers/") for p in tree):
+      raise checks.SettingError(
+          f"the {role} scans a dense prefix (first_dense_layers with scan_layers), which "
+          "upcycling does not map yet: set scan_layers=False for the upcycled run.")
   target_layout, source_layout = _Layout(target), _Layout(source)
   out, used, dense_of_layer = {}, {}, {}
   for path, shape in sorted(target.items()):

@@ -1,8 +1,9 @@
 """Qwen3-MoE, OLMoE, DeepSeek-V3 and DeepSeek-V2 checkpoints: on tiny random instances (several
 layers, dense ones among them, shared experts and GQA where the family has them, a vocabulary
 of a few hundred), our logits equal transformers' within 1e-5 in float32, greedy decoding gives
-the same tokens, decoding with our cache (MLA's latent cache included) equals the full pass,
-and export -> from_pretrained gives back transformers' logits exactly."""
+the same tokens, decoding with our cache (MLA's latent cache included) equals the full pass
+within 1e-5 (test_interop_hf.assert_same_as_transformers), and export -> from_pretrained gives
+back transformers' logits exactly."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,21 +19,10 @@ VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4,
               max_position_embeddings=128, tie_word_embeddings=False,
               attn_implementation="eager")
-
-
-def cached_equals_full(module, variables, ids, prefill=5, atol=1e-5):
-  """Logits of a prefill then one token at a time, through the decoding cache, against the
-  full forward pass of the same tokens."""
-  full, _ = jax.jit(module.apply)(variables, jnp.asarray(ids))
-  cache = module.init(jax.random.PRNGKey(0), jnp.asarray(ids), decode=True)["cache"]
-  step = jax.jit(lambda v, t: module.apply(v, t, decode=True, mutable=["cache"]))
-  chunks, state = [], dict(variables, cache=cache)
-  for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-    (logits, _), updates = step(state, jnp.asarray(ids[:, start:stop]))
-    state["cache"] = updates["cache"]
-    chunks.append(logits)
-  diff = float(jnp.abs(jnp.concatenate(chunks, 1) - full).max())
-  assert diff <= atol, diff
+# YaRN with the factor of 4 over an original context of 32 (θ 1e4 so that the ramp between
+# interpolated and kept dimensions falls inside the tiny head dims).
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
 
 
 def round_trip(tmp_path, module, variables, theirs, cls, ids):
@@ -51,19 +41,20 @@ def check_family(tmp_path, capsys, cls, cfg, seed, name, prepare=None):
   ids = text_ids(VOCAB, length=12)
   assert_same_as_transformers(name, module, variables, theirs, ids, capsys, new_tokens=5,
                               atol=1e-5)
-  cached_equals_full(module, variables, ids)
   round_trip(tmp_path, module, variables, theirs, cls, ids)
   return module, variables
 
 
 def test_qwen3_moe_per_head_qk_norm(tmp_path, capsys):
+  """With YaRN as Qwen ships it for long contexts (cos and sin × (0.1 ln factor + 1))."""
   cfg = transformers.Qwen3MoeConfig(
       **COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
       num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=3,
-      norm_topk_prob=True, mlp_only_layers=[1])
+      norm_topk_prob=True, mlp_only_layers=[1], rope_parameters=dict(YARN))
   module, _ = check_family(tmp_path, capsys, transformers.Qwen3MoeForCausalLM, cfg, 3,
                            "qwen3_moe")
   assert module.qk_norm == "head" and module.moe_ids == (0, 2) and module.head_dim == 24
+  assert module.rope_scaling.cos_sin_scale == pytest.approx(0.1 * np.log(4.0) + 1)
   assert module.moe_layer(parent=None).router.normalize_combine_weights
 
 
@@ -87,12 +78,15 @@ def _random_expert_bias(model):
 
 @pytest.mark.parametrize("q_lora_rank,interleave", [(24, True), (None, False)])
 def test_deepseek_v3_mla_group_limited_routing(tmp_path, capsys, q_lora_rank, interleave):
+  """The second case also extends RoPE by YaRN as DeepSeek-V3 ships it (mscale 1, and
+  mscale_all_dim 1: its softmax scale × m(factor)²)."""
+  rope = {} if interleave else dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0))
   cfg = transformers.DeepseekV3Config(
       **COMMON, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
       num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
       topk_group=2, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
       norm_topk_prob=True, q_lora_rank=q_lora_rank, kv_lora_rank=20, qk_nope_head_dim=12,
-      qk_rope_head_dim=8, v_head_dim=10, rope_interleave=interleave)
+      qk_rope_head_dim=8, v_head_dim=10, rope_interleave=interleave, **rope)
   module, variables = check_family(tmp_path, capsys, transformers.DeepseekV3ForCausalLM, cfg,
                                    5, f"deepseek_v3 (q_lora_rank={q_lora_rank})",
                                    _random_expert_bias)
@@ -101,6 +95,8 @@ def test_deepseek_v3_mla_group_limited_routing(tmp_path, capsys, q_lora_rank, in
   assert module.moe_ids == (1, 2) and module.shared_expert_dim == 32
   bias = variables["moe_balance"]["layers_1"]["moe"]["router"]["expert_bias"]
   assert float(jnp.abs(bias).max()) > 0
+  if not interleave:
+    assert module.rope_scaling.softmax_scale == pytest.approx((0.1 * np.log(4.0) + 1) ** 2)
 
 
 def test_deepseek_v2_group_limited_greedy(tmp_path, capsys):
@@ -113,3 +109,50 @@ def test_deepseek_v2_group_limited_greedy(tmp_path, capsys):
   module, _ = check_family(tmp_path, capsys, transformers.DeepseekV2ForCausalLM, cfg, 6,
                            "deepseek_v2")
   assert module.moe_layer(parent=None).router.group_score == "max"
+
+
+def _write_config(path, cfg):
+  import json
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(cfg))
+  return str(path)
+
+
+@pytest.mark.parametrize("model_type,fields,message", [
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not implemented: clipping"),
+    ("qwen3_moe", dict(attention_bias=True), "attention_bias=True is not implemented"),
+    ("qwen3_moe", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("deepseek_v3", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+     "rope type 'longrope' is not implemented"),
+    ("deepseek_v3", dict(num_key_value_heads=2), "num_key_value_heads=2 is not implemented"),
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method='noaux_tc' is not implemented"),
+    ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob=True is not implemented"),
+    ("mixtral", dict(router_jitter_noise=0.1), "router_jitter_noise=0.1"),
+    ("mixtral", dict(hidden_act="gelu"), "hidden_act='gelu' is not implemented"),
+])
+def test_a_setting_the_import_does_not_implement_is_refused_by_name(tmp_path, model_type,
+                                                                    fields, message):
+  cfg = transformers.AutoConfig.for_model(model_type).to_dict()
+  cfg.update(fields)
+  with pytest.raises(ValueError, match=message):
+    hf.import_checkpoint(_write_config(tmp_path / "hf", cfg))
+
+
+def test_an_olmoe_checkpoint_passed_as_qwen2_moe_is_refused_by_name(tmp_path):
+  """Its config lacks Qwen2-MoE's expert width; with that supplied, its QK-norm tensors are
+  read by nothing: either way the error names what does not fit."""
+  import json
+  import shutil
+  cfg = transformers.OlmoeConfig(**COMMON, intermediate_size=32, num_hidden_layers=1,
+                                 num_experts=4, num_experts_per_tok=2)
+  transformers.OlmoeForCausalLM(cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
+  raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+  raw["model_type"] = "qwen2_moe"
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match="config.json has no 'moe_intermediate_size'"):
+    hf.import_checkpoint(str(tmp_path / "hf"))
+  shutil.copytree(tmp_path / "hf", tmp_path / "hf2")
+  raw.update(moe_intermediate_size=32, shared_expert_intermediate_size=0, qkv_bias=False)
+  (tmp_path / "hf2" / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match=r"did not read.*self_attn\.k_norm\.weight"):
+    hf.import_checkpoint(str(tmp_path / "hf2"))

@@ -180,18 +180,26 @@ def unscan(params, num_layers, period):
 
 @pytest.mark.parametrize("options", [dict(moe_dense_ffn="sequential"),
                                      dict(moe_dense_ffn="parallel", shared_expert_dim=16,
-                                          shared_expert_gate=True)])
+                                          shared_expert_gate=True, first_dense_layers=2)])
 def test_scan_equals_unrolled(options):
+  """With first_dense_layers the dense prefix is its own scanned stack ("dense_layers")."""
+  from moe_jax.interop.huggingface import unstack_layers
   scanned = tiny(scan_layers=True, **options)
   unrolled = tiny(**options)
   toks = tokens()
   params = init(scanned, toks)["params"]
+  if "first_dense_layers" in options:
+    assert unrolled.moe_ids == (3,) and scanned.scanned_stacks() == (
+        ("dense_layers", 0, 1, 2), ("layers", 2, 2, 1))
+    flat = unstack_layers(nn.meta.unbox(params), scanned)
+  else:
+    flat = unscan(params, 4, 2)
   logits_s, stats_s = jit_apply(scanned)({"params": params}, toks)
-  logits_u, stats_u = jit_apply(unrolled)({"params": unscan(params, 4, 2)}, toks)
+  logits_u, stats_u = jit_apply(unrolled)({"params": flat}, toks)
   np.testing.assert_allclose(logits_s, logits_u, atol=1e-5)
   for name in stats_u:
     np.testing.assert_allclose(stats_s[name], stats_u[name], atol=1e-6, err_msg=name)
-  assert set(unscan(params, 4, 2)) == set(nn.meta.unbox(init(unrolled, toks)["params"]))
+  assert set(flat) == set(nn.meta.unbox(init(unrolled, toks)["params"]))
 
 
 def test_scan_gradients_and_partition_axis():
@@ -210,6 +218,9 @@ def test_scan_gradients_and_partition_axis():
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(moe_every=0), "moe_every"),
+    (dict(first_dense_layers=4), "first_dense_layers must be in \\[0, num_layers=4\\)"),
+    (dict(first_dense_layers=1, moe_layer_indices=(2,)), "either moe_layer_indices"),
+    (dict(first_dense_layers=1, scan_layers=True), "moe_every dividing the layers after"),
     (dict(moe_offset=2), "moe_offset"),
     (dict(num_heads=5), "num_heads=5 must divide d_model=32"),
     (dict(num_kv_heads=3), "num_kv_heads=3 must divide num_heads=4"),

@@ -62,11 +62,14 @@ def _layer_records(tree, module, sublayer: str = "moe") -> Iterator[Tuple[int, d
       path = path[1:]
     if not path or path[-1] != sublayer:
       continue
-    if path[0] == "layers":  # scanned
-      period = module.scan_period
+    stacks = {name: (first, period) for name, first, period, _ in module.scanned_stacks()
+              } if getattr(module, "scan_layers", False) else {}
+    if path[0] in stacks:  # scanned
+      first, period = stacks[path[0]]
       j = int(re.fullmatch(r"block_(\d+)", path[1]).group(1))
       units = next(iter(record.values())).shape[0]
-      found += [(u * period + j, {k: v[u] for k, v in record.items()}) for u in range(units)]
+      found += [(first + u * period + j, {k: v[u] for k, v in record.items()})
+                for u in range(units)]
     else:
       found.append((int(re.fullmatch(r"layers_(\d+)", path[0]).group(1)), record))
   return iter(sorted(found, key=lambda item: item[0]))

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.attention import YarnScaling
 from moe_jax.interop import deepseek
 from moe_jax.interop.tensors import Tensors, checked_params
 from moe_jax.interop.tensors import read_safetensors as _read_safetensors
@@ -64,6 +65,14 @@ _EXPERT_NAMES = {  # ours -> theirs, per expert
 }
 _MOE_PREFIX = {"mixtral": "block_sparse_moe"}  # the others: "mlp"
 _QK_NORM = {"qwen3_moe": "head", "olmoe": "full"}
+
+
+class _Config(dict):
+  """config.json; a field it lacks is an error naming the field (not a bare KeyError)."""
+
+  def __missing__(self, key):
+    raise ValueError(f"config.json has no {key!r}, which a {self.get('model_type')!r} model "
+                     "needs (is model_type right?).")
 
 
 def _family(cfg: Mapping[str, Any]) -> str:
@@ -82,10 +91,28 @@ def _num_experts(cfg: Mapping[str, Any]) -> int:
                    "n_routed_experts).")
 
 
-def _rope_theta(cfg: Mapping[str, Any]) -> float:
-  if "rope_theta" in cfg:
-    return float(cfg["rope_theta"])
-  return float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+def rope_settings(cfg: Mapping[str, Any]) -> Tuple[float, Optional[YarnScaling]]:
+  """(θ, YaRN scaling or None) from config.json's rope_theta / rope_scaling / rope_parameters
+  (the older and the newer transformers spellings)."""
+  params = dict(cfg.get("rope_scaling") or {})
+  params.update(cfg.get("rope_parameters") or {})
+  theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind != "yarn":
+    raise ValueError(f"config.json's rope type {kind!r} is not implemented: only plain RoPE "
+                     "and 'yarn'.")
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"config.json's partial_rotary_factor={params['partial_rotary_factor']} "
+                     "is not implemented: RoPE over the whole head.")
+  original = int(params["original_max_position_embeddings"])
+  factor = params.get("factor") or cfg["max_position_embeddings"] / original
+  return theta, YarnScaling(
+      factor=float(factor), original_max_position_embeddings=original,
+      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+      mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+      attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)))
 
 
 def _refuse(cfg: Mapping[str, Any], field: str, allowed: Callable[[Any], bool], why: str,
@@ -97,14 +124,13 @@ def _refuse(cfg: Mapping[str, Any], field: str, allowed: Callable[[Any], bool], 
 
 def check_config(cfg: Mapping[str, Any]) -> str:
   """The family, after refusing by name every setting the import does not implement."""
+  cfg = _Config(cfg)
   kind = _family(cfg)
   falsy = lambda v: not v
   _refuse(cfg, "hidden_act", lambda v: v == "silu", "only SiLU-gated (swiglu) FFNs", "silu")
   _refuse(cfg, "tie_word_embeddings", falsy, "moe_jax's tied output scales by 1/sqrt(d_model) "
           "(T5), Hugging Face's does not")
-  _refuse(cfg, "rope_scaling", falsy, "only plain RoPE (no YaRN / linear / dynamic scaling)")
-  rope = dict(cfg.get("rope_parameters") or {})
-  _refuse(rope, "rope_type", lambda v: v == "default", "only plain RoPE", "default")
+  rope_settings(cfg)  # refuses rope types other than plain and YaRN
   _refuse(cfg, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of the "
           "projections (pretraining_tp > 1)")
   if kind == "mixtral":
@@ -140,14 +166,15 @@ def _placement(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
 
 def decoder_from_hf_config(cfg: Mapping[str, Any], **overrides) -> Decoder:
   """The `Decoder` a Hugging Face config.json describes (dropless routing, as theirs)."""
+  cfg = _Config(cfg)
   kind = check_config(cfg)
   h, n = cfg["hidden_size"], cfg["num_attention_heads"]
   settings = dict(
       vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], d_model=h,
       num_heads=n, num_kv_heads=cfg.get("num_key_value_heads") or n,
       head_dim=cfg.get("head_dim") or h // n, mlp_dim=cfg["intermediate_size"],
-      activation="swiglu", norm_epsilon=float(cfg["rms_norm_eps"]), rope_theta=_rope_theta(cfg),
-      **_placement(cfg, kind))
+      activation="swiglu", norm_epsilon=float(cfg["rms_norm_eps"]),
+      **dict(zip(("rope_theta", "rope_scaling"), rope_settings(cfg))), **_placement(cfg, kind))
   router = dict(num_selected_experts=cfg["num_experts_per_tok"],
                 normalize_combine_weights=bool(cfg.get("norm_topk_prob", False)))
   num_experts = _num_experts(cfg)
@@ -319,20 +346,20 @@ def variables_to_hf(variables: Mapping, module: Decoder,
 
 
 def stack_layers(tree: Mapping, module: Decoder) -> Dict:
-  """Unrolled tree (layers_i) -> the scanned layout (layers/block_j, [units, ...]). A
-  collection that only some blocks hold (the routers' moe_balance) keeps only those."""
+  """Unrolled tree (layers_i) -> the scanned layout ({stack}/block_j, [units, ...]; the
+  stacks of `Decoder.scanned_stacks`). A collection that only some blocks hold (the routers'
+  moe_balance) keeps only those."""
   if not module.scan_layers:
     return dict(tree)
-  period = module.scan_period
-  units = module.num_layers // period
   out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
-  blocks = {}
-  for j in range(period):
-    rows = [tree.get(f"layers_{u * period + j}") for u in range(units)]
-    if any(r is not None for r in rows):
-      blocks[f"block_{j}"] = jax.tree.map(lambda *x: np.stack(x), *rows)
-  if blocks:
-    out["layers"] = blocks
+  for name, first, period, units in module.scanned_stacks():
+    blocks = {}
+    for j in range(period):
+      rows = [tree.get(f"layers_{first + u * period + j}") for u in range(units)]
+      if any(r is not None for r in rows):
+        blocks[f"block_{j}"] = jax.tree.map(lambda *x: np.stack(x), *rows)
+    if blocks:
+      out[name] = blocks
   return out
 
 
@@ -340,12 +367,13 @@ def unstack_layers(tree: Mapping, module: Decoder) -> Dict:
   """The scanned layout -> the unrolled one (identity for an unrolled module)."""
   if not module.scan_layers:
     return dict(tree)
-  period = module.scan_period
-  out = {k: v for k, v in tree.items() if k != "layers"}
-  for i in range(module.num_layers):
-    u, j = divmod(i, period)
-    if f"block_{j}" in tree.get("layers", {}):
-      out[f"layers_{i}"] = jax.tree.map(lambda x: x[u], tree["layers"][f"block_{j}"])
+  stacks = module.scanned_stacks()
+  out = {k: v for k, v in tree.items() if k not in {name for name, *_ in stacks}}
+  for name, first, period, units in stacks:
+    for j, block in sorted(tree.get(name, {}).items()):
+      j = int(j[len("block_"):])
+      for u in range(units):
+        out[f"layers_{first + u * period + j}"] = jax.tree.map(lambda x, u=u: x[u], block)
   return out
 
 
