@@ -165,6 +165,8 @@ class Attention(nn.Module):
                        f"num_heads={self.num_heads}.")
     if self.qk_norm not in QK_NORMS:
       raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}.")
+    if self.rope_scaling is not None and self.rope_theta is None:
+      raise ValueError("rope_scaling (YaRN) extends rotary embeddings; it needs rope_theta.")
     super().__post_init__()
 
   @property
@@ -173,6 +175,10 @@ class Attention(nn.Module):
 
   def head_size(self, d_model: int) -> int:
     return self.head_dim or d_model // self.num_heads
+
+  def score_flops(self, seq_len: int, d_model: int) -> float:
+    """Forward FLOPs per token of q·kᵀ and a·v over `seq_len` keys (PaLM's convention)."""
+    return 4.0 * self.num_heads * self.head_size(d_model) * seq_len
 
   @nn.compact
   def __call__(self, x: Array, *, positions: Optional[Array] = None,

@@ -54,6 +54,7 @@ class LatentAttention(Attention):
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
+  sizes_own_heads = True  # the Decoder does not derive a head_dim from d_model for it
 
   def __post_init__(self):
     if self.num_kv_heads not in (None, self.num_heads):
@@ -74,6 +75,10 @@ class LatentAttention(Attention):
                        f"{self.qk_rope_head_dim}.")
     if self.q_lora_rank is not None and self.q_lora_rank < 1:
       raise ValueError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank}.")
+    if self.qkv_bias or self.out_bias or self.qk_norm != "none":
+      raise ValueError("LatentAttention has no qkv_bias, out_bias or qk_norm (its latents are "
+                       f"normed instead); got qkv_bias={self.qkv_bias}, out_bias="
+                       f"{self.out_bias}, qk_norm={self.qk_norm!r}.")
     super().__post_init__()
 
   def _weight(self, name: str, shape, axes, in_axis=0, out_axis=-1) -> Array:
@@ -141,11 +146,18 @@ class LatentAttention(Attention):
     q_rope = self._rotate(q_rope, query_index)
     mask = attention_mask(query_index, key_index, query_prefix=prefix_mask,
                           key_prefix=key_prefix, key_valid=key_valid)  # [B, 1, L, M]
+    # In latent space this is multi-query attention: queries [q_nope W_ukᵀ, q_rope] against
+    # the one cached "head" [c_kv, k_r], reading values c_kv; `mix` scales by its
+    # 1/√(R_kv + Dr), so the factor restores MLA's 1/√(Dn + Dr).
     q_latent = jnp.einsum("blnd,rnd->blnr", q_nope, w_uk)
-    logits = (jnp.einsum("blnr,bmr->bnlm", q_latent, latent[:, :, 0])
-              + jnp.einsum("blnd,bmd->bnlm", q_rope, k_rope[:, :, 0])).astype(jnp.float32)
-    logits = jnp.where(mask, logits * ((dn + dr) ** -0.5 * self._softmax_scale), -1e30)
-    probs = nn.Dropout(self.dropout_rate)(jax.nn.softmax(logits, axis=-1).astype(self.dtype),
-                                          deterministic=deterministic)
-    out_latent = jnp.einsum("bnlm,bmr->blnr", probs, latent[:, :, 0])
+    out_latent = self.mix(
+        jnp.concatenate([q_latent, q_rope], -1), jnp.concatenate([latent, k_rope], -1),
+        latent, mask, deterministic=deterministic,
+        logit_scale=((r + dr) / (dn + dr)) ** 0.5 * self._softmax_scale)
     return self.output(jnp.einsum("blnr,rnd->blnd", out_latent, w_uv), h)
+
+  def score_flops(self, seq_len: int, d_model: int) -> float:
+    """Per token and layer: q·k over Dn + Dr and a·v over Dv (the expanded form)."""
+    del d_model
+    return 2.0 * self.num_heads * seq_len * (self.qk_nope_head_dim + self.qk_rope_head_dim
+                                             + self.v_head_dim)

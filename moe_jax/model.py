@@ -257,7 +257,9 @@ class Decoder(nn.Module):
                        f"{self.remat_policy!r}.")
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
-    if self.head_dim is None and self.d_model % self.num_heads:
+    sizes_own_heads = getattr(getattr(self.attention_layer, "func", self.attention_layer),
+                              "sizes_own_heads", False)
+    if self.head_dim is None and self.d_model % self.num_heads and not sizes_own_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
                        "(or set head_dim explicitly).")
     kv = self.num_kv_heads or self.num_heads
@@ -273,9 +275,13 @@ class Decoder(nn.Module):
       raise ValueError("qkv_bias and qk_norm apply to the default Attention; with "
                        "attention_layer set, bind the attention factory's own settings instead.")
     if self.moe_layer is not None:
-      moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
-                    self.moe_layer_indices,
-                    self.first_dense_layers)  # validates the placement settings
+      if not moe_layer_ids(self.num_layers, self.moe_every, self.moe_offset,
+                           self.moe_layer_indices, self.first_dense_layers):  # validates them
+        raise ValueError(
+            f"the MoE placement leaves no sparse layer (num_layers={self.num_layers}, "
+            f"first_dense_layers={self.first_dense_layers}, moe_every={self.moe_every}, "
+            f"moe_offset={self.moe_offset}, moe_layer_indices={self.moe_layer_indices}); set "
+            "moe_layer=None for a dense model.")
       periodic = self.num_layers - self.first_dense_layers
       if self.scan_layers and (self.moe_layer_indices is not None
                                or periodic % self.moe_every):
@@ -328,6 +334,11 @@ class Decoder(nn.Module):
     if self.moe_layer is not None:
       sublayers["moe"] = self.moe_layer(dtype=self.dtype, parent=None)
     return {kind: layer for kind, layer in sublayers.items() if is_sparse(layer)}
+
+  @nn.nowrap
+  def attention_flops(self, seq_len: int) -> float:
+    """Forward FLOPs per token of the attention scores and mixing, all layers (params.py)."""
+    return self.num_layers * self._attention()(parent=None).score_flops(seq_len, self.d_model)
 
   @nn.nowrap
   def with_moe_settings(self, **settings) -> "Decoder":

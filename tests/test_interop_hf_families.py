@@ -66,6 +66,18 @@ def test_olmoe_full_width_qk_norm(tmp_path, capsys):
                                    "olmoe")
   assert module.qk_norm == "full"
   assert variables["params"]["layers_0"]["attention"]["key_norm"]["scale"].shape == (32,)
+  # Released checkpoints are bfloat16 (safetensors' numpy reader cannot hold it).
+  from safetensors import safe_open
+  bf16 = transformers.OlmoeForCausalLM.from_pretrained(tmp_path / "hf").to(torch.bfloat16)
+  bf16.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+  with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="flax") as f:
+    assert str(f.get_tensor("lm_head.weight").dtype) == "bfloat16"
+  module, variables = hf.import_checkpoint(str(tmp_path / "bf16"))
+  theirs = transformers.OlmoeForCausalLM.from_pretrained(
+      tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager").eval()
+  ids = text_ids(VOCAB, length=12)
+  ours, _ = jax.jit(module.apply)(variables, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(ours), hf_logits(theirs, ids), atol=1e-5)
 
 
 def _random_expert_bias(model):
@@ -156,3 +168,39 @@ def test_an_olmoe_checkpoint_passed_as_qwen2_moe_is_refused_by_name(tmp_path):
   (tmp_path / "hf2" / "config.json").write_text(json.dumps(raw))
   with pytest.raises(ValueError, match=r"did not read.*self_attn\.k_norm\.weight"):
     hf.import_checkpoint(str(tmp_path / "hf2"))
+
+
+@pytest.mark.parametrize("preset,model_type,cls", [
+    ("deepseek_v3_tiny", "deepseek_v3", "DeepseekV3ForCausalLM"),
+    ("deepseek_v2_lite_tiny", "deepseek_v2", "DeepseekV2ForCausalLM"),
+    ("qwen3_30b_a3b_tiny", "qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("olmoe_1b_7b_tiny", "olmoe", "OlmoeForCausalLM"),
+])
+def test_a_model_trained_from_a_preset_exports_with_a_made_config(tmp_path, preset,
+                                                                  model_type, cls):
+  """The preset's model (scanned, with a random aux-loss-free bias for V3), exported with the
+  config hf_configs makes for it, computes in transformers what it computes here."""
+  from moe_jax import config
+  module = config.load_model([f"gin_configs/models/{preset}.gin"]).module
+  ids = text_ids(module.vocab_size, length=10)
+  variables = dict(jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(ids)))
+  if "moe_balance" in variables:
+    variables["moe_balance"] = jax.tree.map(
+        lambda b: jax.random.normal(jax.random.PRNGKey(1), b.shape) * 0.05,
+        variables["moe_balance"])
+  ours, _ = jax.jit(module.apply)(variables, jnp.asarray(ids))
+  hf.export_checkpoint(module, variables, str(tmp_path / "out"), model_type=model_type)
+  theirs = getattr(transformers, cls).from_pretrained(
+      tmp_path / "out", attn_implementation="eager").float().eval()
+  np.testing.assert_allclose(hf_logits(theirs, ids), np.asarray(ours), atol=1e-5)
+
+
+def test_a_model_a_family_cannot_express_is_refused_naming_the_settings():
+  from moe_jax import config
+  from moe_jax.interop.hf_configs import hf_config
+  module = config.load_model(["gin_configs/models/olmoe_1b_7b_tiny.gin"]).module
+  with pytest.raises(ValueError, match=r"qwen3_moe cannot express this model.*'qk_norm': "
+                                       r"\('full', 'head'\)"):
+    hf_config(module, "qwen3_moe")
+  with pytest.raises(ValueError, match="deepseek_v3 needs multi-head latent attention"):
+    hf_config(module, "deepseek_v3")

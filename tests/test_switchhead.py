@@ -105,7 +105,7 @@ def test_bad_settings_name_the_field():
     _layer(k=5)
   with pytest.raises(ValueError, match=r"num_experts must be >= 1, got 0"):
     SwitchHeadAttention(num_heads=2, num_experts=0)
-  with pytest.raises(ValueError, match=r"qkv_bias applies to the default Attention"):
+  with pytest.raises(ValueError, match=r"qkv_bias and qk_norm apply to the default Attention"):
     config.load_model(["gin_configs/models/switchhead_tiny.gin"],
                       ["model.Decoder.qkv_bias = True"])
 

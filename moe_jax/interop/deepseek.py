@@ -45,7 +45,6 @@ def check_config(cfg: Mapping[str, Any], kind: str, refuse: Callable) -> None:
          "MLA has no kv heads to group (num_key_value_heads must equal num_attention_heads)")
   refuse(cfg, "moe_layer_freq", lambda v: v in (None, 1), "MoE layers other than every layer "
          "after first_k_dense_replace")
-  refuse(cfg, "hidden_act", lambda v: v == "silu", "only SiLU-gated experts", "silu")
   if kind == "deepseek_v2":
     refuse(cfg, "mlp_bias", falsy, "biases in the FFNs")
     refuse(cfg, "topk_method", lambda v: v in _V2_TOPK_METHODS, f"only {_V2_TOPK_METHODS}",
@@ -58,22 +57,20 @@ def check_config(cfg: Mapping[str, Any], kind: str, refuse: Callable) -> None:
     refuse(cfg, "topk_method", lambda v: v in (None, "noaux_tc"), "V3 routes by noaux_tc")
 
 
-def _groups(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-  n_group, topk_group = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
-  return dict(num_groups=n_group, top_groups=min(topk_group, n_group))
-
 
 def router_settings(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
-  """TokenChoiceRouter fields for a DeepSeek config."""
-  settings = dict(routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))
+  """TokenChoiceRouter fields for a DeepSeek config. The fields are read as they are written,
+  without defaults (transformers' V3 defaults are the 671B model's: a missing field would
+  silently mean another model); a missing one is an error naming it."""
+  settings = dict(routed_scaling_factor=float(cfg["routed_scaling_factor"]))
   if kind == "deepseek_v3":
     settings.update(score_function="sigmoid", expert_bias=True, group_score="top2_sum",
-                    normalize_combine_weights=bool(cfg.get("norm_topk_prob", True)),
-                    **_groups(cfg))
+                    normalize_combine_weights=bool(cfg["norm_topk_prob"]),
+                    num_groups=cfg["n_group"], top_groups=cfg["topk_group"])
   else:
     settings.update(normalize_combine_weights=False, group_score="max")
     if cfg.get("topk_method", "greedy") == "group_limited_greedy":
-      settings.update(_groups(cfg))
+      settings.update(num_groups=cfg["n_group"], top_groups=cfg["topk_group"])
   return settings
 
 
@@ -81,11 +78,11 @@ def decoder_settings(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
   """Decoder fields for a DeepSeek config: MLA, shared experts."""
   del kind
   attention = functools.partial(
-      LatentAttention, q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
+      LatentAttention, q_lora_rank=cfg["q_lora_rank"], kv_lora_rank=cfg["kv_lora_rank"],
       qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
       v_head_dim=cfg["v_head_dim"])  # the latent norms keep DeepseekRMSNorm's ε = 1e-6
   settings = dict(attention_layer=attention, num_kv_heads=None, head_dim=None)
-  if cfg.get("n_shared_experts"):
+  if cfg["n_shared_experts"]:
     settings["shared_expert_dim"] = cfg["moe_intermediate_size"] * cfg["n_shared_experts"]
   return settings
 
@@ -93,6 +90,11 @@ def decoder_settings(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
 def interleaved(cfg: Mapping[str, Any], kind: str) -> bool:
   """Does the checkpoint rotate interleaved pairs (module docstring)?"""
   return kind == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
+
+
+def has_expert_bias(cfg: Mapping[str, Any]) -> bool:
+  """Do the checkpoint's routers hold e_score_correction_bias (V3)?"""
+  return cfg.get("model_type") == "deepseek_v3"
 
 
 def is_latent(module) -> bool:

@@ -30,6 +30,8 @@ Per layer i (Llama layout, `p = model.layers.i.`):
     module = config.load_model(["gin_configs/models/mixtral_8x7b.gin"]).module
     _, variables = import_checkpoint("path/to/hf_dir", module, shardings)  # placed at load
     export_checkpoint(module, variables, "out_dir", hf_config)              # and back
+    export_checkpoint(module, variables, "out_dir", model_type="deepseek_v3")  # config made
+                                                          # from the module (hf_configs.py)
 
 `variables` is {"params": …} plus, for DeepSeek-V3, {"moe_balance": …} (the routers'
 e_score_correction_bias).
@@ -51,7 +53,7 @@ import numpy as np
 
 from moe_jax.attention import YarnScaling
 from moe_jax.interop import deepseek
-from moe_jax.interop.tensors import Tensors, checked_params
+from moe_jax.interop.tensors import Tensors, abstract_variables, checked_params
 from moe_jax.interop.tensors import read_safetensors as _read_safetensors
 from moe_jax.model import Decoder
 from moe_jax.moe_layer import MoeLayer
@@ -106,7 +108,8 @@ def rope_settings(cfg: Mapping[str, Any]) -> Tuple[float, Optional[YarnScaling]]
   if params.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"config.json's partial_rotary_factor={params['partial_rotary_factor']} "
                      "is not implemented: RoPE over the whole head.")
-  original = int(params["original_max_position_embeddings"])
+  original = int(params.get("original_max_position_embeddings")
+                 or cfg["max_position_embeddings"])  # transformers' default
   factor = params.get("factor") or cfg["max_position_embeddings"] / original
   return theta, YarnScaling(
       factor=float(factor), original_max_position_embeddings=original,
@@ -133,6 +136,8 @@ def check_config(cfg: Mapping[str, Any]) -> str:
   rope_settings(cfg)  # refuses rope types other than plain and YaRN
   _refuse(cfg, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of the "
           "projections (pretraining_tp > 1)")
+  _refuse(cfg, "quantization_config", falsy, "quantized (e.g. FP8) weights; convert the "
+          "checkpoint to bfloat16 first (for DeepSeek-V3: DeepSeek's fp8_cast_bf16.py)")
   if kind == "mixtral":
     _refuse(cfg, "sliding_window", falsy, "sliding-window attention")
     _refuse(cfg, "router_jitter_noise", falsy, "Mixtral's jitter scales the experts' input "
@@ -156,9 +161,7 @@ def _placement(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
   if kind in ("mixtral", "olmoe"):
     return dict(moe_every=1)
   if kind.startswith("deepseek"):
-    first = cfg.get("first_k_dense_replace") or 0
-    return (dict(moe_every=1) if not first
-            else dict(moe_layer_indices=tuple(range(first, num_layers))))
+    return dict(moe_every=1, first_dense_layers=int(cfg["first_k_dense_replace"] or 0))
   step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
   sparse = [i for i in range(num_layers) if (i + 1) % step == 0 and i not in dense]
   return dict(moe_layer_indices=tuple(sparse)) if dense else dict(moe_every=step)
@@ -300,12 +303,18 @@ def _reshaped(x: np.ndarray, shape) -> np.ndarray:
 
 
 def hf_to_variables(tensors: Mapping[str, np.ndarray], module: Decoder,
-                    cfg: Mapping[str, Any]) -> Dict:
+                    cfg: Mapping[str, Any], expected: Optional[Dict] = None) -> Dict:
   """Flat HF state dict -> our unrolled variables {collection: tree}, float32 numpy. A tensor
   the model needs and the checkpoint lacks, or one the checkpoint holds and nothing reads (the
   QK-norm weights of an OLMoE checkpoint given as qwen2_moe), is an error naming it."""
   ts = Tensors(tensors)
-  expected = _expected(module)
+  expected = _expected(module) if expected is None else expected
+  if cfg.get("num_nextn_predict_layers"):
+    # DeepSeek-V3's multi-token-prediction module (layers num_hidden_layers, …), which
+    # transformers does not load either: not modelled here (see the issue notes).
+    extra = tuple(f"model.layers.{i}." for i in range(
+        cfg["num_hidden_layers"], cfg["num_hidden_layers"] + cfg["num_nextn_predict_layers"]))
+    ts.skip(key for key in tensors if key.startswith(extra))
   flat = {}
   for e in tensor_map(module, cfg, ts.has):
     shape = expected.get(e.collection, {}).get(e.path)
@@ -317,6 +326,9 @@ def hf_to_variables(tensors: Mapping[str, np.ndarray], module: Decoder,
     else:
       x = _reshaped(ts.take(e.theirs), shape)
     if e.perm is not None:
+      if x.shape[-1] != len(e.perm):
+        raise ValueError(f"{e.theirs}: checkpoint shape {ts.take(e.theirs).shape} does not fit "
+                         f"the module's {'/'.join(e.path)} {shape}.")
       x = x[..., e.perm]
     flat.setdefault(e.collection, {})[e.path] = x
   ts.check_all_read()
@@ -390,31 +402,49 @@ def import_checkpoint(path: str, module: Optional[Decoder] = None, shardings: An
   with open(os.path.join(path, "config.json")) as f:
     cfg = json.load(f)
   check_config(cfg)
-  module = module or decoder_from_hf_config(cfg)
-  converted = hf_to_variables(_read_safetensors(path), module, cfg)
-  variables = {"params": checked_params(module, stack_layers(converted["params"], module),
-                                        shardings)}
-  has_bias = EXPERT_BIAS_COLLECTION in converted
-  if has_bias != (EXPERT_BIAS_COLLECTION in _expected(module)):
+  from moe_jax.interop import hf_configs  # pylint: disable=g-import-not-at-top  (imports us)
+  if module is None:
+    module = decoder_from_hf_config(cfg)
+  else:
+    hf_configs.check_same_computation(module, decoder_from_hf_config(cfg),
+                                      "the checkpoint's config.json")
+  abstract = abstract_variables(module)
+  has_bias = deepseek.has_expert_bias(cfg)
+  if has_bias != (EXPERT_BIAS_COLLECTION in abstract):
     raise ValueError(
         f"the checkpoint's routers {'have' if has_bias else 'have no'} expert biases "
         f"(e_score_correction_bias) and the module's routers {'do not' if has_bias else 'do'}:"
         " set TokenChoiceRouter.expert_bias (or expert_bias_update_rate) to match.")
+  converted = hf_to_variables(_read_safetensors(path), module, cfg, _expected(module))
+  variables = {"params": checked_params(module, stack_layers(converted["params"], module),
+                                        shardings, abstract=abstract)}
   if has_bias:
     variables[EXPERT_BIAS_COLLECTION] = checked_params(
         module, stack_layers(converted[EXPERT_BIAS_COLLECTION], module),
-        collection=EXPERT_BIAS_COLLECTION)
+        collection=EXPERT_BIAS_COLLECTION, abstract=abstract)
   return module, variables
 
 
 def export_checkpoint(module: Decoder, variables: Mapping, path: str,
-                      hf_config: Mapping[str, Any]) -> None:
+                      hf_config: Optional[Mapping[str, Any]] = None,
+                      model_type: Optional[str] = None) -> None:
   """Writes config.json and model.safetensors that transformers loads. `variables`: what
-  import_checkpoint returns ({"params": …, …}), or the params alone."""
+  import_checkpoint returns ({"params": …, …}), or the params alone. hf_config: the
+  config.json to write (an imported model's own); None: made for `model_type` from the module
+  (interop/hf_configs.py, which refuses what that family cannot express)."""
   from moe_jax.interop.tensors import save  # pylint: disable=g-import-not-at-top
+  if hf_config is None:
+    if model_type is None:
+      raise ValueError("give hf_config (the config.json to write) or model_type (one of "
+                       f"{FAMILIES}) to make one from the module.")
+    from moe_jax.interop.hf_configs import hf_config as make_config  # pylint: disable=g-import-not-at-top
+    hf_config = make_config(module, model_type)
   kind = check_config(hf_config)
-  if (module.moe_layer is not None and kind != "deepseek_v3"
-      and module.moe_layer(parent=None).router.has_expert_bias):
+  from moe_jax.interop import hf_configs  # pylint: disable=g-import-not-at-top  (imports us)
+  hf_configs.check_same_computation(module, decoder_from_hf_config(hf_config), "hf_config")
+  router = module.moe_layer(parent=None).router if module.moe_layer is not None else None
+  biased = bool(getattr(router, "has_expert_bias", False))
+  if biased and kind != "deepseek_v3":
     raise ValueError(f"this model's routers select with an expert bias (aux-loss-free "
                      f"balancing), which Hugging Face's {kind} cannot hold; deepseek_v3 can.")
   if kind.startswith("deepseek") != deepseek.is_latent(module):
@@ -430,6 +460,12 @@ def export_checkpoint(module: Decoder, variables: Mapping, path: str,
   unrolled = {c: unstack_layers(tree, module) for c, tree in variables.items()
               if c in ("params", EXPERT_BIAS_COLLECTION)}
   if kind == "deepseek_v3" and EXPERT_BIAS_COLLECTION not in unrolled:
-    raise ValueError("deepseek_v3 checkpoints hold each router's e_score_correction_bias: "
-                     f"pass the variables with their '{EXPERT_BIAS_COLLECTION}' collection.")
+    if biased:
+      raise ValueError("this model's routers have expert biases: pass the variables with "
+                       f"their '{EXPERT_BIAS_COLLECTION}' collection, not the params alone.")
+    # No bias here: transformers' zeros select exactly as no bias.
+    num_experts = module.moe_layer(parent=None).num_experts
+    unrolled[EXPERT_BIAS_COLLECTION] = {
+        f"layers_{i}": {"moe": {"router": {"expert_bias": np.zeros(num_experts, np.float32)}}}
+        for i in module.moe_ids}
   save(path, variables_to_hf(unrolled, module, hf_config), hf_config)

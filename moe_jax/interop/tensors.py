@@ -3,6 +3,7 @@ so that none is silently left out) and placing the converted tree after checking
 the module's own parameters."""
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 from typing import Any, Dict, List, Mapping
@@ -14,23 +15,44 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """{name: array} of a Hugging Face directory's model.safetensors (or its shards)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+class _SafetensorsFiles(collections.abc.Mapping):
+  """{name: array} over safetensors files, each tensor read when asked for (a checkpoint
+  larger than memory converts one tensor at a time). Read through safetensors' flax backend:
+  its numpy one cannot hold bfloat16, the dtype most released checkpoints ship in."""
+
+  def __init__(self, files):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    self._where = {}
+    for name in files:
+      handle = safe_open(name, framework="flax")
+      self._where.update({key: handle for key in handle.keys()})
+
+  def __getitem__(self, key):
+    return np.asarray(self._where[key].get_tensor(key))
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self):
+    return len(self._where)
+
+  def __contains__(self, key):
+    return key in self._where
+
+
+def read_safetensors(path: str) -> Mapping[str, np.ndarray]:
+  """{name: array} of a Hugging Face directory's model.safetensors (or its shards), lazily."""
   index = os.path.join(path, "model.safetensors.index.json")
   files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
            else ["model.safetensors"])
-  tensors = {}
-  for name in files:
-    tensors.update(load_file(os.path.join(path, name)))
-  return tensors
+  return _SafetensorsFiles([os.path.join(path, name) for name in files])
 
 
 class Tensors:
   """A checkpoint's flat tensors; `take` marks each read, `unread` lists the rest."""
 
   def __init__(self, tensors: Mapping[str, np.ndarray]):
-    self._tensors, self._read = dict(tensors), set()
+    self._tensors, self._read = tensors, set()
 
   def take(self, key: str) -> np.ndarray:
     if key not in self._tensors:
@@ -40,6 +62,10 @@ class Tensors:
 
   def has(self, key: str) -> bool:
     return key in self._tensors
+
+  def skip(self, keys) -> None:
+    """Marks tensors as deliberately not read (a module this model does not have)."""
+    self._read.update(keys)
 
   def unread(self) -> List[str]:
     return sorted(set(self._tensors) - self._read)
@@ -51,12 +77,18 @@ class Tensors:
                        f"model?): {unread[:5]}{' …' if len(unread) > 5 else ''}")
 
 
+def abstract_variables(module: nn.Module) -> Dict:
+  """The module's variables as shapes (nothing allocated)."""
+  return nn.meta.unbox(jax.eval_shape(lambda: module.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))))
+
+
 def checked_params(module: nn.Module, params: Dict, shardings: Any = None,
-                   collection: str = "params") -> Dict:
+                   collection: str = "params", abstract: Any = None) -> Dict:
   """`params` as jax arrays (placed with `shardings` when given), after checking that they fill
-  every variable of `module`'s `collection` with its shape; errors name the variable."""
-  expected = nn.meta.unbox(jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[collection])
+  every variable of `module`'s `collection` with its shape; errors name the variable.
+  abstract: `abstract_variables(module)`, if already computed."""
+  expected = (abstract_variables(module) if abstract is None else abstract)[collection]
   want = flax.traverse_util.flatten_dict(expected, sep="/")
   got = flax.traverse_util.flatten_dict(params, sep="/")
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
