@@ -8,6 +8,7 @@ number of processes (trainer.py).
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,8 +51,11 @@ def _free_port() -> int:
 def _launch(model_dir, steps, processes, log_dir):
   flags = FLAGS + [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}"]
   devices = 8 // processes
+  # This process's XLA flags (conftest.py's fast compiles) with its own device count.
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
   port = _free_port()
   procs = []
   for i in range(processes):
