@@ -52,10 +52,10 @@ def _launch(model_dir, steps, processes, log_dir):
   flags = FLAGS + [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}"]
   devices = 8 // processes
   # This process's XLA flags (conftest.py's fast compiles) with its own device count.
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                     os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+             XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip())
   port = _free_port()
   procs = []
   for i in range(processes):
