@@ -213,17 +213,21 @@ class Attention(nn.Module):
   def project(self, x: Array, name: str, heads: int, axes) -> Array:
     """x [B, L, H] -> [B, L, heads, D] through the param `name` [H, heads, D] (+ bias)."""
     h = x.shape[-1]
-    # Fan-in is H alone: the default axes would count the heads as a receptive field.
-    qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                in_axis=0, out_axis=(1, 2))
-    kernel = self.param(name, nn.with_logical_partitioning(qkv_init, axes),
-                        (h, heads, self.head_size(h)), jnp.float32)
-    y = jnp.einsum("blh,hnd->blnd", x, kernel.astype(self.dtype))
+    kernel = self.kernel(name, (h, heads, self.head_size(h)), axes, out_axis=(1, 2))
+    y = jnp.einsum("blh,hnd->blnd", x, kernel)
     if self.qkv_bias:
       bias = self.param(name + "_bias", nn.with_logical_partitioning(
           nn.initializers.zeros, axes[1:]), (heads, self.head_size(h)), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+  def kernel(self, name: str, shape, axes, in_axis=0, out_axis=-1) -> Array:
+    """A float32 projection param in the activation dtype, initialised by its fan-in alone
+    (the default axes would count the heads of [H, N, D] as a receptive field)."""
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=in_axis, out_axis=out_axis)
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.float32).astype(self.dtype)
 
   def attend(self, x: Array, values: Callable[[], Array], *, positions, segment_ids,
              prefix_mask, deterministic: bool, decode: bool,

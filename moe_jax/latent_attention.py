@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.attention import Attention, attention_mask
-from moe_jax.dense import RMSNorm, dense_init
+from moe_jax.dense import RMSNorm
 
 Array = jax.Array
 
@@ -81,12 +81,6 @@ class LatentAttention(Attention):
                        f"{self.out_bias}, qk_norm={self.qk_norm!r}.")
     super().__post_init__()
 
-  def _weight(self, name: str, shape, axes, in_axis=0, out_axis=-1) -> Array:
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=in_axis, out_axis=out_axis)
-    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                      jnp.float32).astype(self.dtype)
-
   @property
   def _softmax_scale(self) -> float:
     """YaRN's m(factor, mscale_all_dim)², which DeepSeek applies to all of q·k."""
@@ -109,17 +103,17 @@ class LatentAttention(Attention):
     n, dn, dr, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
     r = self.kv_lora_rank
     if self.q_lora_rank is None:
-      w_q = self._weight("query", (h, n, dn + dr), ("embed", "heads", "kv"), 0, (1, 2))
+      w_q = self.kernel("query", (h, n, dn + dr), ("embed", "heads", "kv"), 0, (1, 2))
       q = jnp.einsum("blh,hnd->blnd", x, w_q)
     else:
-      c_q = x @ self._weight("q_down", (h, self.q_lora_rank), ("embed", "latent"))
-      w_q = self._weight("q_up", (self.q_lora_rank, n, dn + dr), ("latent", "heads", "kv"),
+      c_q = x @ self.kernel("q_down", (h, self.q_lora_rank), ("embed", "latent"))
+      w_q = self.kernel("q_up", (self.q_lora_rank, n, dn + dr), ("latent", "heads", "kv"),
                          0, (1, 2))
       q = jnp.einsum("blr,rnd->blnd", self._latent_norm(c_q, "q_norm"), w_q)
     q_nope, q_rope = q[..., :dn], q[..., dn:]
-    kv = x @ self._weight("kv_down", (h, r + dr), ("embed", "latent"))
+    kv = x @ self.kernel("kv_down", (h, r + dr), ("embed", "latent"))
     latent, k_rope = self._latent_norm(kv[..., :r], "kv_norm"), kv[..., r:]
-    w_kv = self._weight("kv_up", (r, n, dn + dv), ("latent", "heads", "kv"), 0, (1, 2))
+    w_kv = self.kernel("kv_up", (r, n, dn + dv), ("latent", "heads", "kv"), 0, (1, 2))
     w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
 
     query_index = jnp.broadcast_to(jnp.arange(length), (batch, length))

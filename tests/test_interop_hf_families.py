@@ -204,3 +204,7 @@ def test_a_model_a_family_cannot_express_is_refused_naming_the_settings():
     hf_config(module, "qwen3_moe")
   with pytest.raises(ValueError, match="deepseek_v3 needs multi-head latent attention"):
     hf_config(module, "deepseek_v3")
+  with pytest.raises(ValueError, match="model_type must be one of .*'olmoe'.*got 'olmo'"):
+    hf_config(module, "olmo")
+  with pytest.raises(ValueError, match="give hf_config .* or model_type"):
+    hf.export_checkpoint(module, {}, "/nonexistent/never")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from moe_jax.attention import Attention, rotary_embedding
+from moe_jax.attention import Attention, YarnScaling, rotary_embedding
+from moe_jax.latent_attention import LatentAttention
 from moe_jax.model import Decoder, DecoderOnlyLM, moe_layer_ids
 from moe_jax.moe_layer import MoeLayer
 from moe_jax.routing import TokenChoiceRouter
@@ -222,6 +223,8 @@ def test_scan_gradients_and_partition_axis():
     (dict(first_dense_layers=1, moe_layer_indices=(2,)), "either moe_layer_indices"),
     (dict(first_dense_layers=1, scan_layers=True), "moe_every dividing the layers after"),
     (dict(moe_offset=2), "moe_offset"),
+    (dict(num_layers=3, first_dense_layers=2, moe_every=2),
+     "the MoE placement leaves no sparse layer"),
     (dict(num_heads=5), "num_heads=5 must divide d_model=32"),
     (dict(num_kv_heads=3), "num_kv_heads=3 must divide num_heads=4"),
     (dict(moe_dense_ffn="both"), "moe_dense_ffn must be one of"),
@@ -298,3 +301,26 @@ def test_remat_changes_memory_not_results(scan, policy):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     tiny(remat_policy="some")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Attention(4, qk_norm="rms"), "qk_norm must be one of \\('none', 'head', 'full'\\)"),
+    (lambda: Attention(4, rope_theta=None, rope_scaling=YarnScaling(4.0, 32)),
+     "rope_scaling \\(YaRN\\) extends rotary embeddings; it needs rope_theta"),
+    (lambda: YarnScaling(0.5, 32), "YaRN's factor must be >= 1, got 0.5"),
+    (lambda: YarnScaling(4.0, 0), "original_max_position_embeddings must be >= 1, got 0"),
+    (lambda: LatentAttention(4, num_kv_heads=2), "num_kv_heads must be None or num_heads"),
+    (lambda: LatentAttention(4, head_dim=16), "head_dim must be None, got 16"),
+    (lambda: LatentAttention(4, rope_theta=None), "LatentAttention needs rope_theta"),
+    (lambda: LatentAttention(4, kv_lora_rank=0), "kv_lora_rank must be >= 1, got 0"),
+    (lambda: LatentAttention(4, qk_rope_head_dim=7), "qk_rope_head_dim must be even"),
+    (lambda: LatentAttention(4, q_lora_rank=0), "q_lora_rank must be >= 1 or None, got 0"),
+    (lambda: LatentAttention(4, qk_norm="head"), "LatentAttention has no qkv_bias, out_bias or "
+                                                 "qk_norm"),
+    (lambda: tiny(qk_norm="head", attention_layer=LatentAttention),
+     "qkv_bias and qk_norm apply to the default Attention"),
+])
+def test_bad_attention_settings_name_the_setting(make, match):
+  """QK norm, YaRN and MLA settings fail when the module is built, before any compile."""
+  with pytest.raises(ValueError, match=match):
+    make()

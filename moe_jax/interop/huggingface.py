@@ -442,7 +442,8 @@ def export_checkpoint(module: Decoder, variables: Mapping, path: str,
   kind = check_config(hf_config)
   from moe_jax.interop import hf_configs  # pylint: disable=g-import-not-at-top  (imports us)
   hf_configs.check_same_computation(module, decoder_from_hf_config(hf_config), "hf_config")
-  router = module.moe_layer(parent=None).router if module.moe_layer is not None else None
+  moe = module.moe_layer(parent=None) if module.moe_layer is not None else None
+  router = moe.router if moe is not None else None
   biased = bool(getattr(router, "has_expert_bias", False))
   if biased and kind != "deepseek_v3":
     raise ValueError(f"this model's routers select with an expert bias (aux-loss-free "
@@ -464,8 +465,8 @@ def export_checkpoint(module: Decoder, variables: Mapping, path: str,
       raise ValueError("this model's routers have expert biases: pass the variables with "
                        f"their '{EXPERT_BIAS_COLLECTION}' collection, not the params alone.")
     # No bias here: transformers' zeros select exactly as no bias.
-    num_experts = module.moe_layer(parent=None).num_experts
     unrolled[EXPERT_BIAS_COLLECTION] = {
-        f"layers_{i}": {"moe": {"router": {"expert_bias": np.zeros(num_experts, np.float32)}}}
+        f"layers_{i}": {"moe": {"router": {"expert_bias": np.zeros(moe.num_experts,
+                                                                    np.float32)}}}
         for i in module.moe_ids}
   save(path, variables_to_hf(unrolled, module, hf_config), hf_config)

@@ -207,12 +207,10 @@ def params_to_hf(params: Mapping, module: EncoderDecoder) -> Dict[str, np.ndarra
 
 def hf_config(module: EncoderDecoder) -> Dict[str, Any]:
   """The config.json of an NLLB-style `module` (as `encoder_decoder_from_hf_config` builds)."""
-  wanted = {"norm": "layer", "use_bias": True, "position_embedding": "sinusoidal",
-            "tied_output_scale": False, "activation": "relu", "moe_dense_ffn": "none"}
-  for name, value in wanted.items():
-    if getattr(module, name) != value:
-      raise ValueError(f"NLLB-MoE needs {name}={value!r}; this model has "
-                       f"{getattr(module, name)!r}.")
+  tensors_lib.require_settings(
+      module, {"norm": "layer", "use_bias": True, "position_embedding": "sinusoidal",
+               "tied_output_scale": False, "activation": "relu", "moe_dense_ffn": "none"},
+      "NLLB-MoE")
   layers = list(module.sparse_sublayers().values())
   for layer in layers:
     for name, value in (("num_selected_experts", 2), ("expert_bias", True),

@@ -201,13 +201,10 @@ def params_to_hf(params: Mapping, module: EncoderDecoder) -> Dict[str, np.ndarra
 
 def check_exportable(module: EncoderDecoder) -> None:
   """Refuses, by name, any setting SwitchTransformers cannot represent (module docstring)."""
-  wanted = {"activation": "relu", "position_embedding": "relative", "norm": "rms",
-            "use_bias": False, "scale_embeddings": False, "tied_output_scale": True,
-            "moe_dense_ffn": "none"}
-  for name, value in wanted.items():
-    if getattr(module, name) != value:
-      raise ValueError(f"SwitchTransformers needs {name}={value!r}; this model has "
-                       f"{getattr(module, name)!r}.")
+  tensors_lib.require_settings(
+      module, {"activation": "relu", "position_embedding": "relative", "norm": "rms",
+               "use_bias": False, "scale_embeddings": False, "tied_output_scale": True,
+               "moe_dense_ffn": "none"}, "SwitchTransformers")
   layers = list(module.sparse_sublayers().values())
   for layer in layers:
     router = layer.router

@@ -105,6 +105,14 @@ def checked_params(module: nn.Module, params: Dict, shardings: Any = None,
   return jax.tree.map(jax.device_put, params, shardings)
 
 
+def require_settings(module, wanted: Mapping[str, Any], family: str) -> None:
+  """Refuses, naming the first, any module field that differs from what `family` holds."""
+  for name, value in wanted.items():
+    if getattr(module, name) != value:
+      raise ValueError(f"{family} needs {name}={value!r}; this model has "
+                       f"{getattr(module, name)!r}.")
+
+
 def take_tied(ts: Tensors, shared_key: str, copies, tied: bool) -> np.ndarray:
   """The shared embedding; its copies (the stacks' embed_tokens, a tied lm_head), where the
   checkpoint holds them, must equal it."""
